@@ -28,7 +28,11 @@ DEFAULT_BLUR_FRACTION = 0.05
 # Side of the box filter that gives the local average of the log amplitude.
 AVERAGE_KERNEL_SIZE = 3
 
-_AMPLITUDE_EPS = 1e-8
+# Floor added to the spectrum's amplitude, relative to its root mean square.
+# Synthetic images (flat backgrounds, padded digits) have exact zeros in the
+# spectrum; without a floor their log amplitude is about -inf and the
+# residual is dominated by those zeros instead of the image content.
+AMPLITUDE_FLOOR = 1e-2
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -101,11 +105,12 @@ def spectral_residual_salience(
     if (work_h, work_w) != (height, width):
         gray = F.interpolate(gray.unsqueeze(1), size=(work_h, work_w), mode="area").squeeze(1)
 
-    # Log amplitude and phase of the spectrum. The amplitude is computed by
-    # hand with an epsilon so its gradient stays finite at zero frequency
-    # components.
+    # Log amplitude and phase of the spectrum. The floor also keeps the
+    # gradient finite where a frequency component is zero.
     spectrum = torch.fft.fft2(gray.to(torch.float32))
-    amplitude = torch.sqrt(spectrum.real**2 + spectrum.imag**2 + _AMPLITUDE_EPS)
+    power = spectrum.real**2 + spectrum.imag**2
+    floor = AMPLITUDE_FLOOR**2 * power.flatten(1).mean(dim=1).view(-1, 1, 1) + 1e-12
+    amplitude = torch.sqrt(power + floor)
     log_amplitude = torch.log(amplitude)
     phase = spectrum / amplitude
 
