@@ -121,6 +121,31 @@ class WorkflowBuilder:
             data["title"] = title
         return self._register(data, None, column)
 
+    def reroute(self, output_type: str = "*", *, column: int | None = None) -> NodeRef:
+        """Add a Reroute (frontend-only pass-through) carrying ``output_type``."""
+        data = {
+            "id": len(self.nodes) + 1, "type": "Reroute", "pos": [0, 0], "size": [75, 26], "flags": {},
+            "order": 0, "mode": 0, "inputs": [{"name": "", "type": "*", "link": None}],
+            "outputs": [{"name": "", "type": output_type, "links": []}],
+            "properties": {"showOutputText": False, "horizontal": False},
+        }
+        return self._register(data, None, column)
+
+    def primitive(self, target_widget: str, value_type: str, value: Any, *, column: int | None = None) -> NodeRef:
+        """Add a PrimitiveNode that drives the widget ``target_widget`` (connect it afterwards)."""
+        values = [value]
+        if value_type in ("INT", "FLOAT", "COMBO"):
+            values.append("fixed")  # the frontend adds a control widget to number and combo primitives
+        if value_type == "COMBO":
+            values.append("")
+        data = {
+            "id": len(self.nodes) + 1, "type": "PrimitiveNode", "pos": [0, 0], "size": [240, 82], "flags": {},
+            "order": 0, "mode": 0, "inputs": [],
+            "outputs": [{"name": value_type, "type": value_type, "links": [], "widget": {"name": target_widget}}],
+            "properties": {"Run widget replace on values": False}, "widgets_values": values,
+        }
+        return self._register(data, None, column)
+
     def _register(self, data: dict, schema: NodeSchema | None, column: int | None) -> NodeRef:
         self.nodes.append(data)
         ref = NodeRef(data["id"], data["type"], schema, data)

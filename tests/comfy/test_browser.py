@@ -1,0 +1,194 @@
+"""The shipped workflows in ComfyUI's real frontend, in headless Chromium.
+
+One ComfyUI server (127.0.0.1, this pack installed) and one browser serve the
+whole module. Each workflow is loaded the way the editor opens a file; the
+test checks that every node type exists and no node is marked with errors,
+saves a screenshot under docs/workflows/, and compares harness.convert's
+API prompt with the frontend's own conversion (``app.graphToPrompt``).
+
+Needs Debian's ``chromium`` (/usr/bin/chromium) and the Python package
+``playwright`` (its own browser download is never used); the tests skip with
+the reason when either is missing. Every request to a host other than
+127.0.0.1 is blocked in the page.
+"""
+
+import json
+import shutil
+import tempfile
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from harness.convert import ui_to_api
+from harness.locate import PACK_ROOT, find_comfyui
+from harness.workflow_builder import WorkflowBuilder
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
+SCREENSHOT_DIR = PACK_ROOT / "docs" / "workflows"
+
+COMFY_ROOT, COMFY_REASON = find_comfyui()
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(COMFY_ROOT is None, reason=COMFY_REASON),
+    pytest.mark.skipif(not CHROMIUM.exists(),
+                       reason="no /usr/bin/chromium; install it with: apt-get install -y chromium"),
+]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # the skip below says how to install it
+    sync_playwright = None
+
+if sync_playwright is None:
+    pytestmark.append(pytest.mark.skip(reason="Python package playwright is missing; install it with: "
+                                              ".venv/bin/pip install playwright (no 'playwright install' needed)"))
+
+LOAD_AND_CONVERT = """async (workflow) => {
+    window.__locoMissing = undefined;
+    await app.loadGraphData(workflow, true, true, null, {showMissingNodesDialog: false});
+    const prompt = await app.graphToPrompt();
+    return {
+        missing: window.__locoMissing === undefined ? null : window.__locoMissing,
+        errorNodes: app.graph.nodes.filter((node) => node.has_errors).map((node) => node.id),
+        output: prompt.output,
+    };
+}"""
+
+REGISTER_MISSING_HOOK = """() => {
+    app.registerExtension({
+        name: "ComfyUI-LOCO.tests.missingNodes",
+        afterConfigureGraph(missing) { window.__locoMissing = missing; },
+    });
+}"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    from harness.server import ComfyServer
+
+    base_dir = Path(tempfile.mkdtemp(prefix="loco-browser-"))
+    comfy_server = ComfyServer(COMFY_ROOT, base_dir).start()
+    try:
+        comfy_server.post_json("/api/settings", {"Comfy.TutorialCompleted": True})
+        yield comfy_server
+    finally:
+        comfy_server.stop()
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    def allow_loopback_only(route):
+        url = urllib.parse.urlparse(route.request.url)
+        if url.scheme in ("data", "blob") or url.hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        browser_page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        browser_page.route("**/*", allow_loopback_only)
+        browser_page.goto(server.url)
+        browser_page.wait_for_function(
+            "() => window.app && window.app.graph && window.LiteGraph"
+            " && Object.keys(window.LiteGraph.registered_node_types).length > 0",
+            timeout=180_000,
+        )
+        browser_page.evaluate(REGISTER_MISSING_HOOK)
+        yield browser_page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def load_in_frontend(page, workflow: dict) -> dict:
+    return page.evaluate(LOAD_AND_CONVERT, workflow)
+
+
+def feature_graph(object_info: dict) -> dict:
+    """A graph of core nodes with every conversion rule: seeds, primitives, reroutes, bypass, mute, notes."""
+    builder = WorkflowBuilder(object_info)
+    checkpoint = builder.add("CheckpointLoaderSimple")
+    positive = builder.add("CLIPTextEncode", {"text": "a red fox in snow"})
+    negative = builder.add("CLIPTextEncode", {"text": "blurry"})
+    latent = builder.add("EmptyLatentImage", {"width": 320, "height": 256, "batch_size": 2})
+    sampler = builder.add("KSampler", {"seed": 5, "steps": 9, "cfg": 2.5, "sampler_name": "dpmpp_2m",
+                                       "scheduler": "karras", "denoise": 0.8})
+    decode = builder.add("VAEDecode")
+    invert = builder.add("ImageInvert")
+    blend = builder.add("ImageBlend", {"blend_factor": 0.25}, mode=4)  # bypassed
+    muted = builder.add("ImageInvert", title="Muted invert", mode=2)
+    preview = builder.add("PreviewImage")
+    save = builder.add("SaveImage", {"filename_prefix": "features"})
+    load = builder.add("LoadImage", {"image": "missing.png"})
+    builder.add("LoadImageMask", {"image": "mask.png", "channel": "green"})
+    builder.add("RegexReplace", {"string": "abc", "regex_pattern": "b", "replace": "x", "count": 3})
+    builder.add("SamplerCustom", {"noise_seed": 11, "cfg": 3.5})
+    reroute = builder.reroute("IMAGE")
+    primitive = builder.primitive("steps", "INT", 17)
+    builder.note("Feature graph for the converter check.", markdown=False)
+
+    builder.connect(checkpoint, "MODEL", sampler, "model")
+    builder.connect(checkpoint, "CLIP", positive, "clip")
+    builder.connect(checkpoint, "CLIP", negative, "clip")
+    builder.connect(positive, 0, sampler, "positive")
+    builder.connect(negative, 0, sampler, "negative")
+    builder.connect(latent, 0, sampler, "latent_image")
+    builder.connect(primitive, 0, sampler, "steps")
+    builder.connect(sampler, 0, decode, "samples")
+    builder.connect(checkpoint, "VAE", decode, "vae")
+    builder.connect(decode, 0, reroute, "")
+    builder.connect(reroute, 0, invert, "image")
+    builder.connect(invert, 0, blend, "image1")
+    builder.connect(load, "IMAGE", blend, "image2")
+    builder.connect(blend, 0, preview, "images")
+    builder.connect(decode, 0, muted, "image")
+    builder.connect(muted, 0, save, "images")
+    return builder.build("feature-graph")
+
+
+def test_feature_graph_matches_frontend(page, object_info):
+    workflow = feature_graph(object_info)
+
+    frontend = load_in_frontend(page, workflow)["output"]
+    converted = ui_to_api(workflow, object_info, "feature graph")
+
+    assert converted == frontend
+    assert converted["5"]["inputs"]["steps"] == 17  # from the PrimitiveNode
+    assert converted["7"]["inputs"]["image"] == ["6", 0]  # through the Reroute
+    assert converted["10"]["inputs"]["images"] == ["7", 0]  # through the bypassed blend
+    assert "images" not in converted["11"]["inputs"]  # fed by the muted node
+
+
+def test_pack_workflows_listed_as_templates(server):
+    if not WORKFLOWS:
+        pytest.skip("no workflows in workflows/ yet")
+    templates = server.get_json("/api/workflow_templates")
+    listed = next((names for folder, names in templates.items() if folder.lower() == "comfyui-loco"), None)
+
+    assert listed is not None, f"pack folder missing from /api/workflow_templates: {sorted(templates)}"
+    assert sorted(listed) == sorted(path.stem for path in WORKFLOWS)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
+def test_workflow_in_frontend(page, object_info, path):
+    workflow = json.loads(path.read_text())
+
+    result = load_in_frontend(page, workflow)
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT_DIR / f"{path.stem}.png"))
+
+    assert result["missing"] == [], f"{path.name}: missing node types {result['missing']}"
+    assert result["errorNodes"] == [], f"{path.name}: nodes marked with errors {result['errorNodes']}"
+    assert ui_to_api(workflow, object_info, path.name) == result["output"]
