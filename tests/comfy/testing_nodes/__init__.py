@@ -1,0 +1,19 @@
+"""Test-only ComfyUI node pack for the ComfyUI tier of the tests.
+
+The harness links this folder into its temporary custom_nodes/ as
+``loco_testing_nodes``; it is never installed for users. Node ids start
+with ``LOCOTest``.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .tiny_sd15 import NODES
+
+
+class LocoTestingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> LocoTestingExtension:
+    return LocoTestingExtension()
