@@ -37,10 +37,6 @@ USER_FILE_INPUTS = (
     ("LoadImageMask", "image"),
 )
 
-# UI output keys that name files rather than carry values.
-FILE_KEYS = ("images", "gifs", "audio", "video", "files")
-
-
 class WorkflowRunError(RuntimeError):
     """A workflow failed to validate, convert or execute."""
 
@@ -105,7 +101,10 @@ def _split_ui(ui: dict) -> tuple[list[dict], dict[str, Any]]:
     """Separate file references ({filename, subfolder, type}) from other UI values."""
     files, values = [], {}
     for key, value in ui.items():
-        if key in FILE_KEYS and isinstance(value, list) and all(isinstance(v, dict) and "filename" in v for v in value):
+        is_file_list = isinstance(value, list) and value and all(
+            isinstance(item, dict) and "filename" in item and "type" in item for item in value
+        )
+        if is_file_list:
             files.extend(value)
         else:
             values[key] = value
@@ -135,12 +134,21 @@ def summarize(name: str, prompt: dict, ui_by_node: dict[str, dict], fetch_file, 
 
 
 class InProcessExecutor:
-    """Runs prompts through harness.inprocess.ComfySession in this process."""
+    """Runs prompts through harness.inprocess.ComfySession in this process.
 
-    def __init__(self):
-        from .inprocess import ComfySession  # imports ComfyUI, so only when used
+    Starts its own session unless one is given; a given session stays open
+    on ``close()``.
+    """
 
-        self.session = ComfySession(include_test_nodes=False).start()
+    def __init__(self, session=None):
+        if session is None:
+            from .inprocess import ComfySession  # imports ComfyUI, so only when used
+
+            session = ComfySession(include_test_nodes=False).start()
+            self._owns_session = True
+        else:
+            self._owns_session = False
+        self.session = session
         copy_samples(self.session.input_dir)
         self._object_info = None
 
@@ -162,7 +170,8 @@ class InProcessExecutor:
         return (folder / ref.get("subfolder", "") / ref["filename"]).read_bytes()
 
     def close(self) -> None:
-        self.session.close()
+        if self._owns_session:
+            self.session.close()
 
 
 class ServerExecutor:
