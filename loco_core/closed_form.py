@@ -49,49 +49,60 @@ class GaussianMixture:
     def dimension(self) -> int:
         return self.means.shape[1]
 
+    def __post_init__(self):
+        self._factor_cache: dict[float, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Posterior mean E[x0 | x] for a batch x [B, *image_shape] and sigma [B]."""
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        sigma = sigma.to(torch.float64)
-        means = [self._posterior_mean_one(flat[i], sigma[i])[0] for i in range(flat.shape[0])]
-        return torch.stack(means).reshape(x.shape).to(x.dtype)
+        sigma = sigma.to(torch.float64).reshape(-1)
+        result = torch.empty_like(flat)
+        for level in torch.unique(sigma):
+            rows = sigma == level
+            result[rows] = self._posterior(flat[rows], float(level))[0]
+        return result.reshape(x.shape).to(x.dtype)
 
     __call__ = denoise
 
     def jacobian(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Exact Jacobian [n, n] of the posterior mean at one image x [1, *image_shape]: Cov[x0 | x] / sigma^2."""
-        flat = x.reshape(-1).to(torch.float64)
-        mean, responsibilities, component_means, component_covs = self._posterior_mean_one(
-            flat, torch.tensor(sigma, dtype=torch.float64)
-        )
+        flat = x.reshape(1, -1).to(torch.float64)
+        mean, responsibilities, component_means = self._posterior(flat, float(sigma))
         second_moment = torch.zeros(self.dimension, self.dimension, dtype=torch.float64)
-        for k in range(len(self.weights)):
-            m = component_means[k]
-            second_moment += responsibilities[k] * (component_covs[k] + torch.outer(m, m))
-        covariance = second_moment - torch.outer(mean, mean)
+        for k, (_, gain, _) in enumerate(self._factors(float(sigma))):
+            m = component_means[k, 0]
+            posterior_covariance = self.covariances[k] - gain @ self.covariances[k]
+            second_moment += responsibilities[k, 0] * (posterior_covariance + torch.outer(m, m))
+        covariance = second_moment - torch.outer(mean[0], mean[0])
         return covariance / sigma**2
 
-    def _posterior_mean_one(self, flat: torch.Tensor, sigma: torch.Tensor):
-        identity = torch.eye(self.dimension, dtype=torch.float64)
+    def _factors(self, sigma: float):
+        """Per component: inverse of Sigma + sigma^2 I, the gain Sigma (Sigma + sigma^2 I)^-1, and the log-determinant."""
+        if sigma not in self._factor_cache:
+            identity = torch.eye(self.dimension, dtype=torch.float64)
+            factors = []
+            for cov in self.covariances:
+                chol = torch.linalg.cholesky(cov + sigma**2 * identity)
+                inverse = torch.cholesky_inverse(chol)
+                log_det = 2 * torch.log(torch.diagonal(chol)).sum()
+                factors.append((inverse, cov @ inverse, log_det))
+            self._factor_cache[sigma] = factors
+        return self._factor_cache[sigma]
+
+    def _posterior(self, flat: torch.Tensor, sigma: float):
+        """Posterior mean [B, n], responsibilities [K, B] and component posterior means [K, B, n]."""
         log_evidence = []
         component_means = []
-        component_covs = []
-        for k in range(len(self.weights)):
-            cov = self.covariances[k]
-            marginal = cov + sigma**2 * identity
-            chol = torch.linalg.cholesky(marginal)
+        for k, (inverse, gain, log_det) in enumerate(self._factors(sigma)):
             residual = flat - self.means[k]
-            solved = torch.cholesky_solve(residual[:, None], chol)[:, 0]
-            log_det = 2 * torch.log(torch.diagonal(chol)).sum()
-            log_evidence.append(torch.log(self.weights[k]) - 0.5 * (residual @ solved) - 0.5 * log_det)
-
-            gain = torch.cholesky_solve(cov, chol).T  # Sigma (Sigma + sigma^2 I)^-1, Sigma symmetric
-            component_means.append(self.means[k] + gain @ residual)
-            component_covs.append(cov - gain @ cov)
+            mahalanobis = ((residual @ inverse) * residual).sum(dim=1)
+            log_evidence.append(torch.log(self.weights[k]) - 0.5 * mahalanobis - 0.5 * log_det)
+            component_means.append(self.means[k] + residual @ gain.T)
 
         responsibilities = torch.softmax(torch.stack(log_evidence), dim=0)
-        mean = sum(r * m for r, m in zip(responsibilities, component_means))
-        return mean, responsibilities, component_means, component_covs
+        component_means = torch.stack(component_means)
+        mean = (responsibilities[:, :, None] * component_means).sum(dim=0)
+        return mean, responsibilities, component_means
 
 
 def low_rank_gaussian(
@@ -133,3 +144,45 @@ def low_rank_mixture(
         covariances.append(covariance)
     weights = torch.full((components,), 1.0 / components, dtype=torch.float64)
     return GaussianMixture(means, torch.stack(covariances), weights, image_shape)
+
+
+def regional_gaussian(
+    image_shape: tuple[int, ...],
+    mask: torch.Tensor,
+    inside_rank: int,
+    outside_rank: int,
+    shared_rank: int,
+    seed: int,
+    shared_variance: float = 0.3,
+    floor: float = 1e-4,
+) -> GaussianMixture:
+    """A Gaussian whose variation is partly confined to a region and partly shared with the rest.
+
+    ``inside_rank`` directions live inside ``mask`` (broadcast to image_shape),
+    ``outside_rank`` outside it, and ``shared_rank`` directions span both, with
+    variance ``shared_variance``. Edits of the inside directions stay local;
+    the shared ones are what the null-space projection must remove.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    region = mask.expand(image_shape).reshape(-1).to(torch.float64)
+    dimension = region.numel()
+
+    def directions(count: int, support: torch.Tensor) -> torch.Tensor:
+        raw = torch.randn(dimension, count, generator=generator, dtype=torch.float64) * support[:, None]
+        basis, _ = torch.linalg.qr(raw)
+        return basis
+
+    inside = directions(inside_rank, region)
+    outside = directions(outside_rank, 1 - region)
+    shared = directions(shared_rank, torch.ones(dimension, dtype=torch.float64))
+
+    inside_variances = 0.85 ** torch.arange(inside_rank, dtype=torch.float64)
+    outside_variances = 0.85 ** torch.arange(outside_rank, dtype=torch.float64)
+    covariance = (
+        inside @ torch.diag(inside_variances) @ inside.T
+        + outside @ torch.diag(outside_variances) @ outside.T
+        + shared_variance * shared @ shared.T
+        + floor * torch.eye(dimension, dtype=torch.float64)
+    )
+    mean = 0.1 * torch.randn(dimension, generator=generator, dtype=torch.float64)
+    return GaussianMixture(mean[None], covariance[None], torch.ones(1, dtype=torch.float64), image_shape)

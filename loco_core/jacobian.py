@@ -112,7 +112,15 @@ class JacobianProducts:
         self._check_block("jvp", vectors)
 
         if self._resolved_jvp is not None:
-            result = self._run_jvp(self._resolved_jvp, vectors)
+            try:
+                result = self._run_jvp(self._resolved_jvp, vectors)
+            except (RuntimeError, NotImplementedError) as error:
+                if isinstance(error, JacobianError):
+                    raise
+                raise JacobianError(
+                    f"JVP strategy {self._resolved_jvp} failed: {error}; "
+                    "use jvp_strategy='auto' to fall back to another strategy"
+                ) from error
             _check_product(f"JVP ({self._resolved_jvp})", result)
             return result
 
