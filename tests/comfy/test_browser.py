@@ -22,6 +22,7 @@ import pytest
 
 from harness.convert import ui_to_api
 from harness.locate import PACK_ROOT, find_comfyui
+from harness.runner import copy_samples
 from harness.workflow_builder import WorkflowBuilder
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,6 +76,7 @@ def server():
 
     base_dir = Path(tempfile.mkdtemp(prefix="loco-browser-"))
     comfy_server = ComfyServer(COMFY_ROOT, base_dir).start()
+    copy_samples(comfy_server.input_dir)
     try:
         comfy_server.post_json("/api/settings", {"Comfy.TutorialCompleted": True})
         yield comfy_server
@@ -114,6 +116,20 @@ def object_info(server):
 
 def load_in_frontend(page, workflow: dict) -> dict:
     return page.evaluate(LOAD_AND_CONVERT, workflow)
+
+
+def backend_inputs_only(prompt: dict, object_info: dict) -> dict:
+    """Drop inputs that no schema declares, which the backend ignores.
+
+    The frontend serializes some widgets of its own, such as PreviewAny's
+    read-only "preview" text, into the prompt.
+    """
+    cleaned = {}
+    for node_id, node in prompt.items():
+        declared = object_info[node["class_type"]]["input"]
+        names = set(declared.get("required", {})) | set(declared.get("optional", {}))
+        cleaned[node_id] = dict(node, inputs={k: v for k, v in node["inputs"].items() if k in names})
+    return cleaned
 
 
 def feature_graph(object_info: dict) -> dict:
@@ -161,7 +177,7 @@ def feature_graph(object_info: dict) -> dict:
 def test_feature_graph_matches_frontend(page, object_info):
     workflow = feature_graph(object_info)
 
-    frontend = load_in_frontend(page, workflow)["output"]
+    frontend = backend_inputs_only(load_in_frontend(page, workflow)["output"], object_info)
     converted = ui_to_api(workflow, object_info, "feature graph")
 
     assert converted == frontend
@@ -191,4 +207,4 @@ def test_workflow_in_frontend(page, object_info, path):
 
     assert result["missing"] == [], f"{path.name}: missing node types {result['missing']}"
     assert result["errorNodes"] == [], f"{path.name}: nodes marked with errors {result['errorNodes']}"
-    assert ui_to_api(workflow, object_info, path.name) == result["output"]
+    assert ui_to_api(workflow, object_info, path.name) == backend_inputs_only(result["output"], object_info)
