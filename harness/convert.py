@@ -95,7 +95,7 @@ def node_info(node_id: str, node_class: type, display_names: Mapping[str, str] |
 def object_info_from_mappings(
     node_class_mappings: Mapping[str, type], display_names: Mapping[str, str] | None = None
 ) -> dict[str, dict]:
-    """Build the whole ``/object_info`` answer from ``nodes.NODE_CLASS_MAPPINGS``.
+    """Build the whole ``/object_info`` response from ``nodes.NODE_CLASS_MAPPINGS``.
 
     A node whose schema raises is logged and left out, as the server does.
     """
@@ -168,9 +168,9 @@ class NodeSchema:
                     inputs.append(_input_spec(name, section_inputs[name], section == "required"))
 
         # The frontend adds an upload button input to a node with a media
-        # combo. Inputs outside input_order go last, so with an input_order
-        # (which /object_info always sends) its value follows every widget
-        # and is ignored; without one it follows the required inputs.
+        # combo. Inputs missing from input_order go last, and /object_info
+        # always sends input_order, so there the upload value follows every
+        # widget and is ignored. Without input_order it follows the required inputs.
         has_upload = not info.get("input_order") and any(
             spec.type == "COMBO" and any(spec.options.get(key) for key in MEDIA_UPLOAD_OPTIONS)
             for spec in inputs
@@ -352,7 +352,7 @@ def _api_value(value: Any) -> Any:
 def ui_to_api(workflow: Mapping, object_info: Mapping, name: str = "workflow") -> dict[str, dict]:
     """Convert a UI-format workflow to an API-format prompt using node schemas.
 
-    ``object_info`` is the ``/object_info`` answer (or
+    ``object_info`` is the ``/object_info`` response (or
     ``object_info_from_mappings``). Raises ``WorkflowConversionError`` for a
     node type that is neither in the schemas nor frontend-only.
     """

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_DIR = PACK_ROOT / "assets" / "samples"
 
-# Combo inputs whose choices depend on the files a user has installed; the
-# check only requires a string there, and the executor reports a missing file.
+# Combo inputs whose choices depend on the files a user has installed. The
+# check only requires a string there because the executor reports a missing file.
 USER_FILE_INPUTS = (
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LoadImage", "image"),
@@ -43,7 +43,7 @@ class WorkflowRunError(RuntimeError):
 
 @dataclass
 class RunSummary:
-    """What one workflow run made: copied files and the other UI values per node."""
+    """Result of one workflow run: copied files and the other UI values per node."""
 
     workflow: str
     seconds: float

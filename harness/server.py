@@ -132,7 +132,7 @@ class ComfyServer:
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
-        raise ServerError(f"ComfyUI did not answer at {self.url} within {self.startup_timeout:.0f} s; "
+        raise ServerError(f"ComfyUI did not respond at {self.url} within {self.startup_timeout:.0f} s; "
                           f"last log lines:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -241,6 +241,6 @@ def _execution_error(status: dict) -> str:
 
 
 def start_server(comfy_root: Path, base_dir: Path, **kwargs) -> ComfyServer:
-    """Start a ComfyServer and return it once it answers."""
+    """Start a ComfyServer and return it once it responds."""
     return ComfyServer(comfy_root, base_dir, **kwargs).start()
 

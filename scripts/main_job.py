@@ -3,8 +3,8 @@
 Usually started through ``bash scripts/main_job.sh`` (which prepares the
 virtual environment). Finds ComfyUI through ``COMFYUI_PATH`` or the
 custom_nodes layout and stops with exit code 2 and a message without one.
-A workflow counts as runnable on the embedded models when its file says so
-in ``extra.comfyui_loco.embedded_models`` (scripts/make_workflows.py writes
+A workflow counts as runnable on the embedded models when its file sets
+``extra.comfyui_loco.embedded_models`` (scripts/make_workflows.py writes
 that flag). Prints the files each workflow made and the values its output
 nodes report: edit directions, reproducibility scores, attack results.
 """

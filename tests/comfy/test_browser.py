@@ -44,7 +44,7 @@ pytestmark = [
 
 try:
     from playwright.sync_api import sync_playwright
-except ImportError:  # the skip below says how to install it
+except ImportError:  # the skip below gives the install command
     sync_playwright = None
 
 if sync_playwright is None:
