@@ -2,8 +2,9 @@
 
 ``DigitCNN`` takes images ``[N, 3, 32, 32]`` in 0..1 and returns logits
 ``[N, 10]`` for the labels "0".."9". Normalisation lives inside the model,
-so attacks and budgets work in pixel units. It has no batch normalisation
-and no dropout, so train and eval mode compute the same function.
+so attacks and budgets work in pixel units. Batch normalisation follows
+every convolution, so call ``.eval()`` before classifying or attacking: in
+eval mode each image is classified on its own with the stored statistics.
 
 The shipped weights (assets/models/digit_cnn.safetensors) come from
 scripts/train_embedded.py; their metadata stores ``DigitCNNConfig`` as JSON
@@ -26,11 +27,12 @@ class DigitCNNConfig:
     """Architecture of ``DigitCNN``.
 
     ``widths`` are the channel counts of the three convolution stages (two
-    3x3 convolutions each, then 2x2 max pooling: 32 -> 16 -> 8 -> 4 pixels).
+    3x3 convolutions with batch normalisation each, then 2x2 max pooling:
+    32 -> 16 -> 8 -> 4 pixels).
     ``mean`` and ``std`` normalise each input channel before the first layer.
     """
 
-    widths: tuple[int, int, int] = (32, 64, 128)
+    widths: tuple[int, int, int] = (16, 32, 64)
     hidden: int = 128
     num_classes: int = 10
     image_size: int = 32
@@ -50,9 +52,11 @@ class DigitCNNConfig:
 
 def _conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
         nn.ReLU(),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
         nn.ReLU(),
         nn.MaxPool2d(2),
     )
