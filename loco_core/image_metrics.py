@@ -17,6 +17,8 @@ read the same way for all of them:
   vision image embeddings), see ``embedding_cosine_matrix``.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 PIXEL_METRICS: tuple[str, ...] = ("ssim", "pixel_cosine", "mae")
@@ -44,22 +46,74 @@ def _check_same_image_shape(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def gaussian_window(size: int = SSIM_WINDOW_SIZE, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """Return a normalised 2-D Gaussian window ``[size, size]`` in float64."""
+    """Return the normalised 2-D Gaussian window ``[size, size]`` (float64) that SSIM averages with."""
+    profile = _gaussian_profile(size, sigma)
+    return profile[:, None] * profile[None, :]
+
+
+def _gaussian_profile(size: int, sigma: float) -> torch.Tensor:
     if size < 1 or size % 2 == 0:
         raise ValueError(f"window size must be a positive odd number, got {size}")
     if sigma <= 0:
         raise ValueError(f"window sigma must be positive, got {sigma}")
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     profile = torch.exp(-(offsets**2) / (2 * sigma**2))
-    profile = profile / profile.sum()
-    return profile[:, None] * profile[None, :]
+    return profile / profile.sum()
 
 
-def _local_mean(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    # Depthwise valid convolution: every channel is filtered on its own.
-    channels = images.shape[1]
-    kernel = window.to(images.dtype).expand(channels, 1, *window.shape)
-    return torch.nn.functional.conv2d(images, kernel, groups=channels)
+def _valid_filter_matrix(length: int, profile: torch.Tensor) -> torch.Tensor:
+    # Row k holds the window at offset k, so matrix @ signal is the valid
+    # correlation of the signal with the window along one axis.
+    size = profile.numel()
+    matrix = torch.zeros(length - size + 1, length, dtype=profile.dtype)
+    for offset in range(length - size + 1):
+        matrix[offset, offset : offset + size] = profile
+    return matrix
+
+
+def _local_mean(images: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    # The Gaussian window is separable, so the 2-D valid filter is a banded
+    # matrix product along the rows and one along the columns. Matrix
+    # products run through BLAS and are much faster on CPU than a depthwise
+    # float64 convolution.
+    height, width = images.shape[-2:]
+    vertical = _valid_filter_matrix(height, profile).to(images.device, images.dtype)
+    horizontal = _valid_filter_matrix(width, profile).to(images.device, images.dtype)
+    return vertical @ images @ horizontal.T
+
+
+@dataclass
+class _SsimStatistics:
+    images: torch.Tensor
+    mean: torch.Tensor
+    second_moment: torch.Tensor
+
+
+def _ssim_statistics(images: torch.Tensor, window_size: int, sigma: float) -> _SsimStatistics:
+    height, width = images.shape[-2:]
+    if height < window_size or width < window_size:
+        raise ValueError(
+            f"images of {height}x{width} are smaller than the {window_size}x{window_size} SSIM window; "
+            "use larger images or a smaller window"
+        )
+    images = images.to(torch.float64)
+    profile = _gaussian_profile(window_size, sigma)
+    return _SsimStatistics(images, _local_mean(images, profile), _local_mean(images * images, profile))
+
+
+def _ssim_from_statistics(
+    a: _SsimStatistics, b: _SsimStatistics, window_size: int, sigma: float, data_range: float
+) -> torch.Tensor:
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    profile = _gaussian_profile(window_size, sigma)
+    var_a = a.second_moment - a.mean**2
+    var_b = b.second_moment - b.mean**2
+    cov = _local_mean(a.images * b.images, profile) - a.mean * b.mean
+
+    luminance = (2 * a.mean * b.mean + c1) / (a.mean**2 + b.mean**2 + c1)
+    contrast_structure = (2 * cov + c2) / (var_a + var_b + c2)
+    return (luminance * contrast_structure).mean(dim=(1, 2, 3))
 
 
 def ssim_pairs(
@@ -76,28 +130,32 @@ def ssim_pairs(
     _check_same_image_shape(a, b)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"ssim_pairs needs batches of equal length, got {a.shape[0]} and {b.shape[0]}")
-    height, width = a.shape[-2:]
-    if height < window_size or width < window_size:
-        raise ValueError(
-            f"images of {height}x{width} are smaller than the {window_size}x{window_size} SSIM window; "
-            "use larger images or a smaller window"
-        )
+    statistics_a = _ssim_statistics(a, window_size, sigma)
+    statistics_b = _ssim_statistics(b, window_size, sigma)
+    return _ssim_from_statistics(statistics_a, statistics_b, window_size, sigma, data_range)
 
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    window = gaussian_window(window_size, sigma)
-    c1 = (SSIM_K1 * data_range) ** 2
-    c2 = (SSIM_K2 * data_range) ** 2
 
-    mu_a = _local_mean(a, window)
-    mu_b = _local_mean(b, window)
-    var_a = _local_mean(a * a, window) - mu_a**2
-    var_b = _local_mean(b * b, window) - mu_b**2
-    cov = _local_mean(a * b, window) - mu_a * mu_b
+def _ssim_matrix(a: torch.Tensor, b: torch.Tensor, row_index, column_index, pairs_per_chunk: int) -> torch.Tensor:
+    # Local means and second moments belong to single images, so they are
+    # computed once per image; only the cross term needs every pair.
+    statistics_a = _ssim_statistics(a, SSIM_WINDOW_SIZE, SSIM_SIGMA)
+    statistics_b = _ssim_statistics(b, SSIM_WINDOW_SIZE, SSIM_SIGMA)
+    result = torch.empty(row_index.numel(), dtype=torch.float64)
+    for start in range(0, row_index.numel(), pairs_per_chunk):
+        rows = row_index[start : start + pairs_per_chunk]
+        columns = column_index[start : start + pairs_per_chunk]
+        result[start : start + pairs_per_chunk] = _ssim_from_statistics(
+            _select_statistics(statistics_a, rows),
+            _select_statistics(statistics_b, columns),
+            SSIM_WINDOW_SIZE,
+            SSIM_SIGMA,
+            1.0,
+        ).cpu()
+    return result
 
-    luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
-    contrast_structure = (2 * cov + c2) / (var_a + var_b + c2)
-    return (luminance * contrast_structure).mean(dim=(1, 2, 3))
+
+def _select_statistics(statistics: _SsimStatistics, index: torch.Tensor) -> _SsimStatistics:
+    return _SsimStatistics(statistics.images[index], statistics.mean[index], statistics.second_moment[index])
 
 
 def pixel_cosine_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,6 +171,10 @@ def pixel_cosine_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _centre(flat: torch.Tensor) -> torch.Tensor:
     return flat - flat.mean(dim=1, keepdim=True)
+
+
+def _unit_centred(images: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(_centre(images.flatten(1).to(torch.float64)), dim=1, eps=1e-12)
 
 
 def mae_similarity_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -141,23 +203,26 @@ def _pair_function(metric: str):
 
 
 def similarity_matrix(a: torch.Tensor, b: torch.Tensor, metric: str, pairs_per_chunk: int = 1024) -> torch.Tensor:
-    """Compute the pixel-metric similarity of every pair ``(a[i], b[j])``; returns ``[len(a), len(b)]``.
+    """Compute the pixel-metric similarity of every pair ``(a[i], b[j])``; returns ``[len(a), len(b)]`` in float64.
 
-    Pairs are evaluated in chunks of ``pairs_per_chunk`` to bound memory.
+    SSIM pairs are evaluated in chunks of ``pairs_per_chunk`` to bound memory.
+    Cosine and MAE reduce to one matrix product and one L1 distance matrix.
     """
-    pair_function = _pair_function(metric)
+    _pair_function(metric)
     _check_same_image_shape(a, b)
     if pairs_per_chunk < 1:
         raise ValueError(f"pairs_per_chunk must be at least 1, got {pairs_per_chunk}")
 
+    if metric == "pixel_cosine":
+        return (_unit_centred(a) @ _unit_centred(b).T).cpu()
+    if metric == "mae":
+        distance = torch.cdist(a.flatten(1).to(torch.float64), b.flatten(1).to(torch.float64), p=1.0)
+        return (1.0 - distance / a.shape[1:].numel()).cpu()
+
     rows, columns = a.shape[0], b.shape[0]
-    result = torch.empty(rows * columns, dtype=torch.float64)
     row_index = torch.arange(rows).repeat_interleave(columns)
     column_index = torch.arange(columns).repeat(rows)
-    for start in range(0, rows * columns, pairs_per_chunk):
-        stop = min(start + pairs_per_chunk, rows * columns)
-        result[start:stop] = pair_function(a[row_index[start:stop]], b[column_index[start:stop]]).cpu()
-    return result.reshape(rows, columns)
+    return _ssim_matrix(a, b, row_index, column_index, pairs_per_chunk).reshape(rows, columns)
 
 
 def embedding_cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from . import image_metrics
+
 NOISE_TENSOR_KEY = "noise"
 NOISE_FORMAT = "loco_seed_noise"
 NOISE_FORMAT_VERSION = "1"
@@ -385,3 +387,142 @@ def memorization(sample_to_training: torch.Tensor, threshold: float) -> Memoriza
         memorized_fraction=memorized_fraction,
         generalization_score=1.0 - memorized_fraction,
     )
+
+
+# ---------------------------------------------------------------------------
+# The whole analysis over N models and any number of metrics
+
+EMBEDDING_METRIC = "embedding_cosine"
+
+
+def metric_similarity(metric: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Compute the ``[len(a), len(b)]`` similarity matrix of a pixel metric or of the embedding cosine."""
+    if metric == EMBEDDING_METRIC:
+        return image_metrics.embedding_cosine_matrix(a, b)
+    return image_metrics.similarity_matrix(a, b, metric)
+
+
+@dataclass
+class ReproducibilityAnalysis:
+    """Per-metric comparisons and, when training items were given, per-model memorization."""
+
+    comparisons: dict[str, MetricComparison]
+    memorization: dict[str, list[Memorization]]
+    memorization_threshold_source: dict[str, str]
+    memorization_null_size: dict[str, int]
+
+
+def analyse_reproducibility(
+    items: dict[str, list[torch.Tensor]],
+    training_items: dict[str, torch.Tensor] | None = None,
+    null_quantile: float = 0.99,
+    fixed_memorization_thresholds: dict[str, float] | None = None,
+    max_calibration_queries: int = 128,
+) -> ReproducibilityAnalysis:
+    """Score every metric: threshold, ROC-AUC and RP over model pairs, then memorization per model.
+
+    ``items[metric][i]`` holds model i's samples in the form the metric
+    compares (``[S, C, H, W]`` images for pixel metrics, ``[S, D]`` vectors
+    for the embedding cosine), seeds in the same order for every model.
+    ``training_items[metric]`` holds the training set in the same form. The
+    memorization threshold of a metric is ``fixed_memorization_thresholds
+    [metric]`` when given, else the ``null_quantile`` of the similarity of
+    training images to their nearest other training image: a sample is
+    flagged only when it is closer to a training image than all but the top
+    (1 - quantile) of genuinely distinct training images are to each other.
+    """
+    fixed_memorization_thresholds = fixed_memorization_thresholds or {}
+    comparisons, memorized, sources, null_sizes = {}, {}, {}, {}
+    for metric, per_model in items.items():
+        model_count = len(per_model)
+        pairs = {
+            (i, j): metric_similarity(metric, per_model[i], per_model[j])
+            for i in range(model_count)
+            for j in range(i + 1, model_count)
+        }
+        comparisons[metric] = compare_models(metric, pairs, model_count, null_quantile)
+
+        if training_items is None:
+            continue
+        training = training_items[metric]
+        if metric in fixed_memorization_thresholds:
+            threshold = float(fixed_memorization_thresholds[metric])
+            sources[metric] = "fixed"
+            null_sizes[metric] = 0
+        else:
+            queries = calibration_query_indices(training.shape[0], max_calibration_queries)
+            nearest_other = leave_one_out_nearest(metric_similarity(metric, training[queries], training), queries)
+            threshold = calibrate_threshold(nearest_other, null_quantile)
+            sources[metric] = "training nearest-neighbour null"
+            null_sizes[metric] = int(queries.numel())
+        memorized[metric] = [memorization(metric_similarity(metric, samples, training), threshold) for samples in per_model]
+
+    return ReproducibilityAnalysis(comparisons, memorized, sources, null_sizes)
+
+
+def _rounded(values: torch.Tensor, digits: int = 6) -> list:
+    return [round(float(value), digits) for value in values.flatten()]
+
+
+def analysis_report(analysis: ReproducibilityAnalysis, labels: list[str], seeds: tuple[int, ...]) -> dict:
+    """Turn an analysis into plain JSON-ready data: thresholds, AUCs, RP matrices, per-seed scores."""
+    metrics = {}
+    for metric, comparison in analysis.comparisons.items():
+        count = comparison.rp_matrix.shape[0]
+        entry = {
+            "threshold": round(comparison.threshold, 6),
+            "null_quantile": comparison.null_quantile,
+            "roc_auc": round(comparison.roc_auc, 6),
+            "null_pairs": int(comparison.mismatched.numel()),
+            "null_exceed_rate": round(comparison.null_exceed_rate, 6),
+            "rp_matrix": [_rounded(comparison.rp_matrix[row]) for row in range(count)],
+            "mean_matched_similarity_matrix": [_rounded(comparison.mean_matched_matrix[row]) for row in range(count)],
+            "pairs": [
+                {
+                    "models": [labels[i], labels[j]],
+                    "rp": round(float(comparison.rp_matrix[i, j]), 6),
+                    "matched_similarity": _rounded(scores),
+                }
+                for (i, j), scores in comparison.matched.items()
+            ],
+        }
+        if metric in analysis.memorization:
+            entry["memorization"] = {
+                "threshold": round(analysis.memorization[metric][0].threshold, 6),
+                "threshold_source": analysis.memorization_threshold_source[metric],
+                "null_queries": analysis.memorization_null_size[metric],
+                "models": [
+                    {
+                        "model": label,
+                        "memorized_fraction": round(result.memorized_fraction, 6),
+                        "generalization_score": round(result.generalization_score, 6),
+                        "nearest_training_index": [int(index) for index in result.nearest_index],
+                        "nearest_training_similarity": _rounded(result.nearest_similarity),
+                        "memorized": [bool(flag) for flag in result.memorized],
+                    }
+                    for label, result in zip(labels, analysis.memorization[metric])
+                ],
+            }
+        metrics[metric] = entry
+    return {"models": list(labels), "seeds": list(seeds), "metrics": metrics}
+
+
+def analysis_summary(analysis: ReproducibilityAnalysis, labels: list[str], metric: str) -> str:
+    """Write a few lines of plain text about one metric: threshold, AUC, RP per model pair, GL per model."""
+    comparison = analysis.comparisons[metric]
+    lines = [
+        f"metric {metric}: threshold {comparison.threshold:.4f} "
+        f"({comparison.null_quantile:.0%} quantile of {comparison.mismatched.numel()} mismatched-seed pairs), "
+        f"ROC-AUC {comparison.roc_auc:.3f}, mismatched pairs above threshold {comparison.null_exceed_rate:.3f}",
+    ]
+    for (i, j), scores in comparison.matched.items():
+        lines.append(
+            f"RP {labels[i]} vs {labels[j]}: {comparison.rp_matrix[i, j]:.3f} "
+            f"(mean matched similarity {scores.mean():.4f})"
+        )
+    for label, result in zip(labels, analysis.memorization.get(metric, [])):
+        lines.append(
+            f"{label}: memorized {result.memorized_fraction:.3f}, GL {result.generalization_score:.3f} "
+            f"(nearest-training threshold {result.threshold:.4f})"
+        )
+    return "\n".join(lines)
