@@ -1,11 +1,11 @@
 """Run API-format prompts through a real ComfyUI inside this Python process.
 
-``ComfySession`` imports the ComfyUI checkout that ``harness.locate`` finds,
-gives it a temporary base directory (models/, input/, output/, temp/, user/
-and custom_nodes/ with this repository linked in as ``ComfyUI-LOCO`` and the
-test-only node pack as ``loco_testing_nodes``), loads every node the way
-ComfyUI's ``main.py`` does, and executes prompts with
-``execution.validate_prompt`` and ``execution.PromptExecutor``, as the
+``ComfySession`` imports the ComfyUI checkout that ``harness.locate`` finds
+and gives it a temporary base directory: models/, input/, output/, temp/,
+user/ and custom_nodes/, where this repository is linked in as
+``ComfyUI-LOCO`` and the test-only node pack as ``loco_testing_nodes``. It
+loads every node the way ComfyUI's ``main.py`` does and executes prompts
+with ``execution.validate_prompt`` and ``execution.PromptExecutor``, as the
 server's prompt worker does. Facts about ComfyUI in this module were read
 from, and run against, ComfyUI 0.3.64.
 
@@ -24,6 +24,7 @@ Example::
 """
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -56,15 +57,16 @@ MODEL_FOLDERS = (
 )
 
 # Top-level module names of ComfyUI that another checkout or this repository
-# could shadow: the pack's own ``nodes`` package has the same name as
+# could shadow, because the pack's own ``nodes`` package has the same name as
 # ComfyUI's ``nodes.py``.
 COMFYUI_TOP_LEVEL_MODULES = ("nodes", "execution", "server", "folder_paths", "utils", "comfy")
 
-_active_session: "ComfySession | None" = None
+# The session that configured ComfyUI in this process, also after it closed.
+_process_session: "ComfySession | None" = None
 
 
 class ComfyUINotFoundError(RuntimeError):
-    """No ComfyUI checkout was found; the message says where the harness looked."""
+    """No ComfyUI checkout was found. The message names the places searched."""
 
 
 class ComfyUIImportError(RuntimeError):
@@ -79,7 +81,7 @@ class PromptValidationError(ValueError):
     """``execution.validate_prompt`` rejected the prompt.
 
     ``node_errors`` maps node id to ComfyUI's error record (``errors``,
-    ``class_type``); ``error`` is the prompt-level record or None.
+    ``class_type``). ``error`` is the prompt-level record or None.
     """
 
     def __init__(self, message: str, error: dict | None, node_errors: dict):
@@ -116,8 +118,10 @@ class RunResult:
     """What one ``ComfySession.run`` produced.
 
     ``ui`` is the history's ``outputs`` (node id to the node's UI dict, such
-    as ``{"images": [...]}``). ``executed`` holds the nodes that ran in this
-    prompt and ``cached`` the nodes whose outputs came from an earlier prompt.
+    as ``{"images": [...]}``). ``executed`` contains the nodes that ran in this
+    prompt and ``cached`` the needed nodes whose outputs came from an earlier
+    prompt. Needed are the output nodes (or targets) and the nodes upstream
+    of them, and only those have ``values``.
     ``events`` lists every ``(event, data)`` message the server was sent.
     """
 
@@ -148,9 +152,9 @@ class RunResult:
     def values(self, node_id: str | int) -> tuple:
         """Return the node's output values, one per output slot.
 
-        A slot holds the value itself when the node ran once; it holds a list
-        when the output is declared as a list or the node ran once per item
-        of a list input.
+        A slot is the value itself when the node ran once. It is a list when
+        the output is declared as a list or the node ran once per item of a
+        list input.
         """
         slots = self.value_lists(node_id)
         is_list = self.output_is_list.get(str(node_id), ())
@@ -174,18 +178,30 @@ def _put_comfyui_first_on_sys_path(root: Path) -> None:
     sys.path.insert(0, root_text)
 
 
+def _module_locations(module) -> list[Path]:
+    # ComfyUI's comfy/ and comfy_execution/ are namespace packages with no
+    # __file__, only a __path__ list.
+    file = getattr(module, "__file__", None)
+    if file:
+        return [Path(file).resolve()]
+    return [Path(entry).resolve() for entry in getattr(module, "__path__", [])]
+
+
 def _check_no_shadowing_modules(root: Path) -> None:
+    root = root.resolve()
     for name in COMFYUI_TOP_LEVEL_MODULES:
         module = sys.modules.get(name)
         if module is None:
             continue
-        location = getattr(module, "__file__", None) or str(getattr(module, "__path__", ""))
-        if not str(Path(location).resolve()).startswith(str(root.resolve())):
-            raise ComfyUIImportError(
-                f"module '{name}' was imported from {location} before ComfyUI, which shadows ComfyUI's own "
-                f"'{name}' in {root}. Start the ComfySession before importing it; import the pack's node "
-                "modules only through ComfyUI (the pack's nodes/ package has the name of ComfyUI's nodes.py)."
-            )
+        locations = _module_locations(module)
+        if any(root in location.parents for location in locations):
+            continue
+        shown = ", ".join(str(location) for location in locations) or "an unknown place"
+        raise ComfyUIImportError(
+            f"module '{name}' was imported from {shown} before ComfyUI, which shadows ComfyUI's own "
+            f"'{name}' in {root}. Start the ComfySession before importing it; import the pack's node "
+            "modules only through ComfyUI (the pack's nodes/ package has the name of ComfyUI's nodes.py)."
+        )
 
 
 def _configure_comfyui_args(base_dir: Path, cpu: bool) -> None:
@@ -213,6 +229,43 @@ def _import_comfyui_modules() -> SimpleNamespace:
     return SimpleNamespace(**modules)
 
 
+def _repository_package_names() -> set[str]:
+    return {entry.name for entry in PACK_ROOT.iterdir() if (entry / "__init__.py").is_file()}
+
+
+@contextlib.contextmanager
+def _pack_loaded_as_in_an_install():
+    """Hide this repository from absolute imports while ComfyUI loads the custom nodes.
+
+    pytest puts the repository root on sys.path, where ``import loco_core``
+    succeeds. In a ComfyUI install the pack is loaded by path and only
+    relative imports (``from ..loco_core import x``) work, so the root and
+    the modules already imported from it are taken away for the load and
+    put back afterwards.
+    """
+    pack_root = PACK_ROOT.resolve()
+    removed_entries = [(index, entry) for index, entry in enumerate(sys.path)
+                       if Path(entry or os.getcwd()).resolve() == pack_root]
+    for _, entry in reversed(removed_entries):
+        sys.path.remove(entry)
+
+    package_names = _repository_package_names()
+    hidden_modules = {}
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] not in package_names:
+            continue
+        locations = _module_locations(module)
+        if locations and all(pack_root in location.parents for location in locations):
+            hidden_modules[name] = sys.modules.pop(name)
+
+    try:
+        yield
+    finally:
+        for index, entry in removed_entries:
+            sys.path.insert(min(index, len(sys.path)), entry)
+        sys.modules.update(hidden_modules)
+
+
 class _LogCapture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
@@ -220,6 +273,22 @@ class _LogCapture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def _upstream_nodes(prompt: Mapping[str, Mapping], outputs: Iterable[str]) -> set[str]:
+    """Return the output nodes and every node they depend on through links."""
+    needed: set[str] = set()
+    pending = [str(node_id) for node_id in outputs]
+    while pending:
+        node_id = pending.pop()
+        if node_id in needed or node_id not in prompt:
+            continue
+        needed.add(node_id)
+        for value in prompt[node_id].get("inputs", {}).values():
+            # A link is [source node id, output index].
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
+                pending.append(str(value[0]))
+    return needed
 
 
 def _format_validation_error(error: dict | None, node_errors: Mapping[str, dict]) -> str:
@@ -313,33 +382,38 @@ class ComfySession:
 
     def start(self) -> "ComfySession":
         """Import ComfyUI, lay out the base directory and load all nodes. Returns self."""
-        global _active_session
+        global _process_session
         if self._started:
             return self
-        if _active_session is not None:
+        if self._closed:
+            raise RuntimeError("the ComfySession is closed; a closed session cannot start again")
+        if _process_session is not None:
             raise RuntimeError(
-                "a ComfySession is already active in this process; ComfyUI keeps its configuration in "
-                "module globals, so use that session (the pytest fixture 'comfy' is session-scoped)"
+                f"ComfyUI was already started in this process (base directory {_process_session.base_dir}). "
+                "ComfyUI keeps its configuration in module globals, so a process can start it once: reuse "
+                "that session (the pytest fixture 'comfy' is session-scoped) or start another process"
             )
 
         self.comfyui_root = self._find_root()
-        self._make_base_dir()
-        self._import_comfyui()
-        self._install_server_hooks()
-        self._load_nodes()
-        self._executor = self._make_executor()
+        try:
+            self._make_base_dir()
+            self._import_comfyui()
+            self._install_server_hooks()
+            self._load_nodes()
+            self._executor = self._make_executor()
+        except BaseException:
+            self.close()
+            raise
 
         self._started = True
-        _active_session = self
         logger.info("ComfyUI from %s started in process; base directory %s", self.comfyui_root, self.base_dir)
         return self
 
     def close(self) -> None:
         """Unload models and delete the temporary base directory.
 
-        ComfyUI stays imported, so a later session in this process raises.
+        ComfyUI stays imported, so no further session can start in this process.
         """
-        global _active_session
         if self._closed:
             return
         self._closed = True
@@ -347,8 +421,6 @@ class ComfySession:
             self._comfy.comfy_model_management.unload_all_models()
         if self._owns_base_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-        if _active_session is self:
-            _active_session = None
 
     def _find_root(self) -> Path:
         if self._requested_root is not None:
@@ -392,6 +464,9 @@ class ComfySession:
                 f"ComfyUI's folder_paths was already imported with base path {folder_paths.base_path}; "
                 "the base directory is fixed at import, so start the ComfySession before importing ComfyUI"
             )
+
+        global _process_session
+        _process_session = self
 
         # comfy.cli_args parses no command line unless comfy.options enables
         # it (main.py does), so pytest's own arguments are left alone and the
@@ -448,7 +523,8 @@ class ComfySession:
         hook_breaker.save_functions()
         nodes.load_custom_node = recording_loader
         try:
-            failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+            with _pack_loaded_as_in_an_install():
+                failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         finally:
             nodes.load_custom_node = original_loader
             hook_breaker.restore_functions()
@@ -472,7 +548,16 @@ class ComfySession:
                 details = "\n".join(messages_by_path.get(path, [])) or "(ComfyUI logged no reason)"
                 problems.append(f"{name}: ComfyUI reported IMPORT FAILED for {path}:\n{details}")
         if problems:
-            raise CustomNodeImportError("custom node folders failed to load:\n" + "\n".join(problems))
+            message = "custom node folders failed to load:\n" + "\n".join(problems)
+            absolute_imports = [name for name in sorted(_repository_package_names())
+                                if f"No module named '{name}" in message]
+            if absolute_imports:
+                message += (
+                    f"\nThe pack imports {', '.join(absolute_imports)} as a top-level package. ComfyUI loads "
+                    "the pack by path, without the repository root on sys.path, so modules inside the pack "
+                    "must import each other relatively (from ..loco_core import x)."
+                )
+            raise CustomNodeImportError(message)
 
     def _make_executor(self):
         execution = self._comfy.execution
@@ -551,7 +636,7 @@ class ComfySession:
         outputs = asyncio.run(self._validate(prompt_id, prompt, target_ids))
         events = self._execute(prompt_id, prompt, outputs, on_event, extra_data)
         self._raise_if_failed(prompt)
-        return self._collect_result(prompt_id, prompt, events)
+        return self._collect_result(prompt_id, prompt, outputs, events)
 
     @staticmethod
     def _copy_prompt(prompt: Mapping[str, Mapping]) -> dict:
@@ -644,17 +729,22 @@ class ComfySession:
             f"prompt ended without success and without an error message; status messages: {messages}",
             None, None, original=original)
 
-    def _collect_result(self, prompt_id: str, prompt: dict, events: list[tuple[Any, Any]]) -> RunResult:
+    def _collect_result(self, prompt_id: str, prompt: dict, outputs: list[str],
+                        events: list[tuple[Any, Any]]) -> RunResult:
+        # The output cache also answers for nodes of this prompt that an
+        # earlier prompt computed but this one did not need, so only the
+        # requested outputs and their upstream nodes are read.
+        needed = _upstream_nodes(prompt, outputs)
         caches = self._executor.caches
         mapping = self._comfy.nodes.NODE_CLASS_MAPPINGS
-        outputs = {}
+        values = {}
         output_is_list = {}
-        for node_id, node in prompt.items():
+        for node_id in sorted(needed):
             cached = caches.outputs.get(node_id)
             if cached is None:
                 continue
-            outputs[node_id] = [list(slot) for slot in cached]
-            declared = getattr(mapping[node["class_type"]], "OUTPUT_IS_LIST", None)
+            values[node_id] = [list(slot) for slot in cached]
+            declared = getattr(mapping[prompt[node_id]["class_type"]], "OUTPUT_IS_LIST", None)
             output_is_list[node_id] = tuple(bool(flag) for flag in (declared or ()))
 
         executed = set()
@@ -671,8 +761,8 @@ class ComfySession:
             prompt=prompt,
             ui=dict(history.get("outputs", {})),
             executed=executed,
-            cached=cached_nodes,
+            cached=cached_nodes & needed,
             events=events,
-            outputs=outputs,
+            outputs=values,
             output_is_list=output_is_list,
         )

@@ -1,5 +1,6 @@
 """The in-process harness against the real ComfyUI executor, with the tiny SD1.5 test model."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from harness.inprocess import (
     PACK_FOLDER_NAME,
+    ComfySession,
     TEST_NODES_FOLDER_NAME,
     PromptExecutionError,
     PromptInterruptedError,
@@ -95,9 +97,11 @@ def test_ksampler_output_node_run_without_targets(comfy, tiny_prompt):
 def test_lora_changes_ksampler_result(comfy, tiny_prompt, tiny_lora):
     import torch
 
-    plain = comfy.run(tiny_prompt(), targets=["5"]).values("5")[0]["samples"]
-    patched = comfy.run(tiny_prompt(lora_name=tiny_lora), targets=["5"]).values("5")[0]["samples"]
-    again = comfy.run(tiny_prompt(), targets=["5"]).values("5")[0]["samples"]
+    plain = comfy.run(tiny_prompt(steps=2), targets=["5"]).values("5")[0]["samples"]
+    patched = comfy.run(tiny_prompt(steps=2, lora_name=tiny_lora), targets=["5"]).values("5")[0]["samples"]
+    # The LoRA patches the shared UNet weights while it samples; ComfyUI
+    # must restore them for the plain model afterwards.
+    again = comfy.run(tiny_prompt(steps=2), targets=["5"]).values("5")[0]["samples"]
 
     assert torch.equal(plain, again)
     assert not torch.allclose(plain, patched, atol=1e-4)
@@ -152,32 +156,73 @@ def test_interrupt_during_sampling(comfy, tiny_prompt):
         if event == "progress" and data.get("node") == "5":
             comfy.interrupt()
 
-    prompt = tiny_prompt(noise_seed=11, steps=4)
-    with pytest.raises(PromptInterruptedError) as excinfo:
-        comfy.run(prompt, targets=["5"], on_event=interrupt_on_first_step)
+    with pytest.raises(PromptInterruptedError, match="interrupted at node 5") as excinfo:
+        comfy.run(tiny_prompt(noise_seed=11, steps=4), targets=["5"], on_event=interrupt_on_first_step)
     assert excinfo.value.node_id == "5"
+    assert excinfo.value.node_type == "KSampler"
 
     # The next prompt starts with the flag cleared and runs to the end.
-    result = comfy.run(prompt, targets=["5"])
+    result = comfy.run(tiny_prompt(noise_seed=11, steps=1), targets=["5"])
     assert "5" in result.executed
 
 
-def test_broken_custom_node_folder_fails_start(tmp_path):
+def test_unchanged_prompt_is_cached(comfy, tiny_prompt):
+    prompt = tiny_prompt(noise_seed=21, steps=1)
+    first = comfy.run(prompt, targets=["5"])
+    second = comfy.run(prompt, targets=["5"])
+
+    assert "5" in first.executed
+    assert "5" in second.cached
+    assert "5" not in second.executed
+    assert second.values("5")[0] is first.values("5")[0]
+
+
+def test_run_leaves_prompt_unchanged(comfy, tiny_prompt):
+    prompt = tiny_prompt(steps=1)
+    expected = copy.deepcopy(prompt)
+    comfy.run(prompt, targets=["5"])
+
+    assert prompt == expected
+
+
+def test_values_of_node_not_run(comfy, tiny_prompt):
+    result = comfy.run(tiny_prompt(steps=1), targets=["2"])
+
+    with pytest.raises(KeyError, match="node 5 has no cached outputs"):
+        result.values("5")
+
+
+def test_second_session_start_raises(comfy):
+    with pytest.raises(RuntimeError, match="already started in this process"):
+        ComfySession().start()
+
+
+def test_start_reports_broken_folder(tmp_path):
+    # Only harness/ is importable in the child process, as in a real install
+    # where ComfyUI loads the pack by path: the pack must then import its own
+    # modules relatively and still load.
+    import_dir = tmp_path / "import_path"
+    import_dir.mkdir()
+    (import_dir / "harness").symlink_to(PACK_ROOT / "harness", target_is_directory=True)
     broken = tmp_path / "broken_pack"
     broken.mkdir()
     (broken / "__init__.py").write_text("raise ImportError('missing dependency for the test')\n")
     script = textwrap.dedent(f"""
+        import sys
         from harness.inprocess import ComfySession, CustomNodeImportError
         try:
             ComfySession(include_test_nodes=False, extra_custom_nodes={{"broken_pack": {str(broken)!r}}}).start()
         except CustomNodeImportError as error:
             print("RAISED", error)
+        print("TOP_LEVEL_LOCO_CORE", any(name.split(".")[0] == "loco_core" for name in sys.modules))
     """)
     comfyui_root, _ = find_comfyui()
-    env = dict(os.environ, COMFYUI_PATH=str(comfyui_root))
-    completed = subprocess.run([sys.executable, "-c", script], cwd=PACK_ROOT, capture_output=True, text=True,
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_root), PYTHONPATH=str(import_dir))
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                                env=env, timeout=300)
 
     assert "RAISED" in completed.stdout, completed.stderr[-3000:]
     assert "broken_pack" in completed.stdout
     assert "missing dependency for the test" in completed.stdout
+    assert PACK_FOLDER_NAME not in completed.stdout
+    assert "TOP_LEVEL_LOCO_CORE False" in completed.stdout
