@@ -113,7 +113,7 @@ class WorkflowBuilder:
         node_id = len(self.nodes) + 1
         data = {
             "id": node_id, "type": node_type, "pos": [0, 0],
-            "size": [NODE_WIDTH + 80, 60 + 20 * text.count("\n") + 20 * (len(text) // 60)], "flags": {},
+            "size": [NODE_WIDTH, 80 + 18 * text.count("\n") + 18 * (len(text) // 45)], "flags": {},
             "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {},
             "widgets_values": [text], "color": "#432", "bgcolor": "#653",
         }

@@ -61,7 +61,7 @@ def dual_perturbation_attack(info: dict) -> WorkflowBuilder:
     clean = b.add("LOCOClassifyImage", title="Clean prediction", column=1)
     attack = b.add("LOCODualPGDAttack", {"norm": "linf", "eps_foreground": 0.0078, "eps_background": 0.0627,
                                          "steps": 20, "restarts": 1, "seed": 0}, column=2)
-    mask_image = b.add("MaskToImage", column=2)
+    mask_image = b.add("MaskToImage", column=1)
     save_adversarial = b.add("SaveImage", {"filename_prefix": "loco_attack/adversarial"}, column=3)
     save_perturbation = b.add("SaveImage", {"filename_prefix": "loco_attack/perturbation"}, column=3)
     save_mask = b.add("SaveImage", {"filename_prefix": "loco_attack/foreground"}, column=3)
@@ -112,7 +112,7 @@ def reproducibility_comparison(info: dict) -> WorkflowBuilder:
     b.connect(vae, 0, entry_a, "vae")
     b.connect(model_b, LOADER_MODEL, entry_b, "model")
     b.connect(vae, 0, entry_b, "vae")
-    b.connect(entry_a, 0, entry_b, "models")
+    b.connect(entry_a, 0, entry_b, "previous_models")
     b.connect(entry_b, 0, compare, "models")
     b.connect(noise, SEED_NOISE, compare, "noise")
     b.connect(compare, COMPARE_GRID, save_grid, "images")

@@ -78,7 +78,8 @@ def server():
     comfy_server = ComfyServer(COMFY_ROOT, base_dir).start()
     copy_samples(comfy_server.input_dir)
     try:
-        comfy_server.post_json("/api/settings", {"Comfy.TutorialCompleted": True})
+        # The tutorial dialog and the minimap would cover the canvas in the screenshots.
+        comfy_server.post_json("/api/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
         yield comfy_server
     finally:
         comfy_server.stop()
