@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from harness.convert import object_info_from_mappings, ui_to_api, validate_workflow
 from harness.locate import PACK_ROOT
-from harness.runner import USER_FILE_INPUTS, InProcessExecutor, run_workflow, run_workflows, to_prompt
+from harness.locate import find_comfyui
+from harness.runner import USER_FILE_INPUTS, InProcessExecutor, ServerExecutor, run_workflow, to_prompt
+from harness.server import ServerError
 from harness.workflow_builder import WorkflowBuilder
 
 sys.path.append(str(PACK_ROOT / "scripts"))
@@ -89,11 +92,18 @@ def test_runner_server_mode(object_info, tmp_path):
     workflow_path = tmp_path / "server.json"
     workflow_path.write_text(json.dumps(builder.build("server")))
 
-    (summary,) = run_workflows([workflow_path], tmp_path / "out", use_server=True)
+    executor = ServerExecutor(find_comfyui()[0])
+    try:
+        summary = run_workflow(executor, workflow_path, tmp_path / "out")
+        with pytest.raises(ServerError, match="value_smaller_than_min|Value -3 smaller than min"):
+            executor.server.run({"1": {"class_type": "EmptyImage",
+                                       "inputs": {"width": -3, "height": 8, "batch_size": 1, "color": 0}},
+                                 "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+    finally:
+        executor.close()
 
+    assert executor.server.process is None
     assert [path.name for path in summary.files] == ["server_00001_.png"]
-    from PIL import Image
-
     with Image.open(summary.files[0]) as made:
         assert made.size == (16, 8)
         assert made.convert("RGB").getpixel((0, 0)) == (255 - 0x10, 255 - 0x20, 255 - 0x30)
