@@ -10,8 +10,9 @@ server's prompt worker does. Facts about ComfyUI in this module were read
 from, and run against, ComfyUI 0.3.64.
 
 ComfyUI keeps its configuration in module globals (``comfy.cli_args.args``,
-``folder_paths``, ``nodes.NODE_CLASS_MAPPINGS``), so one process can hold one
-session only.
+``folder_paths``, ``nodes.NODE_CLASS_MAPPINGS``), so a process can start
+one session only. A run that a node fails raises ``PromptExecutionError``
+and an interrupted run raises its subclass ``PromptInterruptedError``.
 
 Example::
 
@@ -31,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -115,7 +117,7 @@ class PromptInterruptedError(PromptExecutionError):
 
 @dataclass
 class RunResult:
-    """What one ``ComfySession.run`` produced.
+    """Result of one ``ComfySession.run``.
 
     ``ui`` is the history's ``outputs`` (node id to the node's UI dict, such
     as ``{"images": [...]}``). ``executed`` contains the nodes that ran in this
@@ -196,9 +198,9 @@ def _check_no_shadowing_modules(root: Path) -> None:
         locations = _module_locations(module)
         if any(root in location.parents for location in locations):
             continue
-        shown = ", ".join(str(location) for location in locations) or "an unknown place"
+        location_text = ", ".join(str(location) for location in locations) or "an unknown place"
         raise ComfyUIImportError(
-            f"module '{name}' was imported from {shown} before ComfyUI, which shadows ComfyUI's own "
+            f"module '{name}' was imported from {location_text} before ComfyUI, which shadows ComfyUI's own "
             f"'{name}' in {root}. Start the ComfySession before importing it; import the pack's node "
             "modules only through ComfyUI (the pack's nodes/ package has the name of ComfyUI's nodes.py)."
         )
@@ -342,6 +344,7 @@ class ComfySession:
         self._comfy: SimpleNamespace | None = None
         self._server = ServerStub()
         self._executor = None
+        self._run_lock = threading.Lock()
         self._started = False
         self._closed = False
 
@@ -619,11 +622,15 @@ class ComfySession:
             extra_data: Mapping[str, Any] | None = None) -> RunResult:
         """Validate and execute an API-format prompt; return its RunResult.
 
-        Without ``targets`` ComfyUI's own rules apply: every output node runs,
-        and any node error fails the run (the server would run the valid
-        outputs only). ``targets`` names nodes to execute instead; they need
-        not be output nodes. ``on_event(event, data)`` is called for every
-        server message during the run, in the executing thread.
+        Without ``targets`` ComfyUI's own rule applies and every output node
+        runs. Any node that fails validation fails the whole run, although
+        the server would still run the outputs that passed. ``targets`` names
+        the nodes to execute instead, and they need not be output nodes.
+        ``on_event(event, data)`` is called for every server message during
+        the run, in the executing thread. ``extra_data`` is merged into the
+        executor's extra_data (``extra_pnginfo`` for example). Outputs of
+        unchanged nodes are reused from earlier runs, as in a running
+        ComfyUI; ``clear_cache()`` drops them.
 
         Raises PromptValidationError or PromptExecutionError
         (PromptInterruptedError after ``interrupt()``).
@@ -633,10 +640,18 @@ class ComfySession:
         prompt_id = str(uuid.uuid4())
         target_ids = None if targets is None else [str(target) for target in targets]
 
-        outputs = asyncio.run(self._validate(prompt_id, prompt, target_ids))
-        events = self._execute(prompt_id, prompt, outputs, on_event, extra_data)
-        self._raise_if_failed(prompt)
-        return self._collect_result(prompt_id, prompt, outputs, events)
+        # One executor serves the session and it runs one prompt at a time,
+        # like the server's prompt worker.
+        if not self._run_lock.acquire(blocking=False):
+            raise RuntimeError("run() is already executing a prompt in this session; "
+                               "call it again after that prompt ends, not from on_event or another thread")
+        try:
+            outputs = asyncio.run(self._validate(prompt_id, prompt, target_ids))
+            events = self._execute(prompt_id, prompt, outputs, on_event, extra_data)
+            self._raise_if_failed(prompt)
+            return self._collect_result(prompt_id, prompt, outputs, events)
+        finally:
+            self._run_lock.release()
 
     @staticmethod
     def _copy_prompt(prompt: Mapping[str, Mapping]) -> dict:
