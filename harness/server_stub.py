@@ -21,8 +21,8 @@ class ServerStub:
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.last_prompt_id: str | None = None
-        # The executor asks this for each client's feature flags; no client
-        # announces any, so binary previews take the legacy path.
+        # The progress handler reads each client's feature flags here. No
+        # client announces any, so binary previews take the legacy path.
         self.sockets_metadata: dict[str, dict] = {}
         self.events: list[tuple[Any, Any]] = []
         self.listener: EventListener | None = None

@@ -23,8 +23,8 @@ TINY_LORA_NAME = "loco_tiny_sd15_lora.safetensors"
 
 
 def pytest_collection_modifyitems(config, items):
-    # This hook sees the items of the whole session, so it picks out the
-    # ones that live under tests/comfy.
+    # This hook receives the items of the whole session, so it picks out
+    # the ones under tests/comfy.
     skip = pytest.mark.skip(reason=f"ComfyUI tier: {COMFYUI_REASON}")
     for item in items:
         if COMFY_TESTS_DIR not in Path(str(item.fspath)).resolve().parents:

@@ -95,9 +95,9 @@ def build_tiny_sd15(seed: int, model_channels: int = 32) -> comfy.model_patcher.
     )
     model_config.set_inference_dtype(torch.float32, manual_cast_dtype)
 
-    # ComfyUI runs nodes inside inference mode; the weights are made there
-    # explicitly so they are inference tensors like a loaded checkpoint's,
-    # also when this function is called outside the executor.
+    # ComfyUI runs nodes inside inference mode. The weights are made there
+    # explicitly, so they are inference tensors like a loaded checkpoint's
+    # even when this function is called outside the executor.
     with torch.inference_mode():
         model = model_config.get_model({}, "")
         model = model.to(offload_device)
