@@ -192,6 +192,26 @@ def test_values_of_node_not_run(comfy, tiny_prompt):
         result.values("5")
 
 
+def test_values_of_list_outputs(comfy):
+    # RebatchLatents declares a list output; LatentUpscaleBy then runs once
+    # per list item, so both nodes report a list of three latents.
+    prompt = {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 3}},
+        "2": {"class_type": "RebatchLatents", "inputs": {"latents": ["1", 0], "batch_size": 1}},
+        "3": {"class_type": "LatentUpscaleBy",
+              "inputs": {"samples": ["2", 0], "upscale_method": "nearest-exact", "scale_by": 2.0}},
+    }
+    result = comfy.run(prompt, targets=["3"])
+    (rebatched,) = result.values("2")
+    (upscaled,) = result.values("3")
+    (single,) = result.values("1")
+
+    assert isinstance(single, dict)
+    assert [tuple(item["samples"].shape) for item in rebatched] == [(1, 4, 2, 2)] * 3
+    assert [tuple(item["samples"].shape) for item in upscaled] == [(1, 4, 4, 4)] * 3
+    assert len(result.value_lists("1")[0]) == 1
+
+
 def test_second_session_start_raises(comfy):
     with pytest.raises(RuntimeError, match="already started in this process"):
         ComfySession().start()
