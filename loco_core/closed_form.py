@@ -50,59 +50,66 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def __post_init__(self):
-        self._factor_cache: dict[float, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # Eigendecompositions once, so every noise level costs only products:
+        # (Sigma + sigma^2 I)^-1 = V diag(1 / (lambda + sigma^2)) V^T.
+        eigen = [torch.linalg.eigh(cov) for cov in self.covariances]
+        self._variances = [values.clamp_min(0) for values, _ in eigen]
+        self._bases = [vectors for _, vectors in eigen]
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Posterior mean E[x0 | x] for a batch x [B, *image_shape] and sigma [B]."""
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        sigma = sigma.to(torch.float64).reshape(-1)
-        result = torch.empty_like(flat)
-        for level in torch.unique(sigma):
-            rows = sigma == level
-            result[rows] = self._posterior(flat[rows], float(level))[0]
-        return result.reshape(x.shape).to(x.dtype)
+        sigma = sigma.to(device=flat.device, dtype=torch.float64).reshape(-1, 1)
+        mean, _, _ = self._posterior(flat, sigma)
+        return mean.reshape(x.shape).to(x.dtype)
 
     __call__ = denoise
 
     def jacobian(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Exact Jacobian [n, n] of the posterior mean at one image x [1, *image_shape]: Cov[x0 | x] / sigma^2."""
         flat = x.reshape(1, -1).to(torch.float64)
-        mean, responsibilities, component_means = self._posterior(flat, float(sigma))
+        level = torch.tensor([[sigma]], dtype=torch.float64)
+        mean, responsibilities, component_means = self._posterior(flat, level)
         second_moment = torch.zeros(self.dimension, self.dimension, dtype=torch.float64)
-        for k, (_, gain, _) in enumerate(self._factors(float(sigma))):
+        for k in range(len(self.weights)):
+            values, basis = self._variances[k], self._bases[k]
+            posterior_covariance = basis @ torch.diag(values * sigma**2 / (values + sigma**2)) @ basis.T
             m = component_means[k, 0]
-            posterior_covariance = self.covariances[k] - gain @ self.covariances[k]
             second_moment += responsibilities[k, 0] * (posterior_covariance + torch.outer(m, m))
         covariance = second_moment - torch.outer(mean[0], mean[0])
         return covariance / sigma**2
 
-    def _factors(self, sigma: float):
-        """Per component: inverse of Sigma + sigma^2 I, the gain Sigma (Sigma + sigma^2 I)^-1, and the log-determinant."""
-        if sigma not in self._factor_cache:
-            identity = torch.eye(self.dimension, dtype=torch.float64)
-            factors = []
-            for cov in self.covariances:
-                chol = torch.linalg.cholesky(cov + sigma**2 * identity)
-                inverse = torch.cholesky_inverse(chol)
-                log_det = 2 * torch.log(torch.diagonal(chol)).sum()
-                factors.append((inverse, cov @ inverse, log_det))
-            self._factor_cache[sigma] = factors
-        return self._factor_cache[sigma]
+    def _posterior(self, flat: torch.Tensor, sigma: torch.Tensor):
+        """Posterior mean [B, n], responsibilities [K, B] and component posterior means [K, B, n].
 
-    def _posterior(self, flat: torch.Tensor, sigma: float):
-        """Posterior mean [B, n], responsibilities [K, B] and component posterior means [K, B, n]."""
+        ``sigma`` has shape [B, 1].
+        """
         log_evidence = []
         component_means = []
-        for k, (inverse, gain, log_det) in enumerate(self._factors(sigma)):
-            residual = flat - self.means[k]
-            mahalanobis = ((residual @ inverse) * residual).sum(dim=1)
+        for k in range(len(self.weights)):
+            values, basis = self._variances[k], self._bases[k]
+            marginal = values[None, :] + sigma**2
+            coordinates = (flat - self.means[k]) @ basis
+            mahalanobis = (coordinates**2 / marginal).sum(dim=1)
+            log_det = torch.log(marginal).sum(dim=1)
             log_evidence.append(torch.log(self.weights[k]) - 0.5 * mahalanobis - 0.5 * log_det)
-            component_means.append(self.means[k] + residual @ gain.T)
+            component_means.append(self.means[k] + (coordinates * values[None, :] / marginal) @ basis.T)
 
         responsibilities = torch.softmax(torch.stack(log_evidence), dim=0)
         component_means = torch.stack(component_means)
         mean = (responsibilities[:, :, None] * component_means).sum(dim=0)
         return mean, responsibilities, component_means
+
+    def sample(self, count: int, seed: int) -> torch.Tensor:
+        """Draw ``count`` clean images [count, *image_shape] from the mixture."""
+        generator = torch.Generator().manual_seed(seed)
+        components = torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        noise = torch.randn(count, self.dimension, generator=generator, dtype=torch.float64)
+        rows = []
+        for i, k in enumerate(components.tolist()):
+            scaled = noise[i] * self._variances[k].sqrt()
+            rows.append(self.means[k] + self._bases[k] @ scaled)
+        return torch.stack(rows).reshape(count, *self.image_shape)
 
 
 def low_rank_gaussian(
