@@ -39,18 +39,31 @@ def embedded_workflows(folder: Path = WORKFLOW_DIR) -> list[Path]:
     return selected
 
 
+def _display_text(value, limit: int = 160) -> list[str]:
+    """Turn a UI value into report lines: text as written, JSON compacted to one shortened line."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value.splitlines() or [""]
+        if isinstance(value, str):
+            return value.splitlines() or [""]
+    text = json.dumps(value, default=str, separators=(",", ":"))
+    return [text if len(text) <= limit else text[:limit] + "..."]
+
+
 def report(summary: RunSummary) -> list[str]:
     lines = [f"== {summary.workflow} ({summary.seconds:.1f} s)"]
     for path in summary.files:
-        lines.append(f"   made   {path}")
+        lines.append(f"   made  {path}")
     for node_id, values in summary.values.items():
         title = summary.titles.get(node_id, node_id)
         for key, value in values.items():
-            text = value[0] if isinstance(value, list) and len(value) == 1 else value
-            text = text if isinstance(text, str) else json.dumps(text, default=str)
-            for number, line in enumerate(str(text).splitlines() or [""]):
-                label = f"{title}:" if number == 0 else ""
-                lines.append(f"   {label:<28} {line}" if key == "text" else f"   {label:<28} {key}: {line}")
+            heading = title if key == "text" else f"{title} {key}"
+            lines.append(f"   {heading}:")
+            lines.extend(f"      {line}" for line in _display_text(value))
     return lines
 
 
@@ -63,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", action="store_true",
                         help="run on a ComfyUI server on 127.0.0.1 instead of in this process")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # ComfyUI logs start-up details and the tracebacks of optional core nodes
+    # it could not import at WARNING; the report below is the output here.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
 
     comfy_root, reason = find_comfyui()
     if comfy_root is None:
