@@ -232,6 +232,17 @@ def _read_header(path: Path, spec: Architecture) -> tuple[int, dict[str, str]]:
         return handle.get_slice(spec.num_classes_key).get_shape()[0], metadata
 
 
+def _metadata_labels(metadata: dict[str, str], num_classes: int) -> list[str]:
+    """Return the labels stored in the file's metadata (key "labels", a JSON list), else the class indices."""
+    try:
+        labels = json.loads(metadata.get("labels", "null"))
+    except json.JSONDecodeError:
+        labels = None
+    if isinstance(labels, list) and len(labels) == num_classes:
+        return [str(label) for label in labels]
+    return [str(index) for index in range(num_classes)]
+
+
 def load_classifier(
     weights_path: str | Path,
     architecture: str,
@@ -244,8 +255,9 @@ def load_classifier(
     """Build ``architecture``, load safetensors weights and wrap it for attacks.
 
     Returns an ``ImageClassifier`` in eval mode, or a ``SmoothedClassifier``
-    around it when ``noise_sigma`` > 0 (pixel units of 0..1 images). Labels
-    default to the class indices as strings. The model is built outside
+    around it when ``noise_sigma`` > 0 (pixel units of 0..1 images). Without
+    a labels file, labels come from the file's metadata (key "labels", a JSON
+    list) or default to the class indices as strings. The model is built outside
     inference mode so autograd can run through it later, even when the
     caller is inside ``torch.inference_mode()``.
     """
@@ -259,7 +271,7 @@ def load_classifier(
         raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma}")
 
     num_classes, metadata = _read_header(path, spec)
-    labels = read_labels(labels_path) if labels_path else [str(index) for index in range(num_classes)]
+    labels = read_labels(labels_path) if labels_path else _metadata_labels(metadata, num_classes)
     if len(labels) != num_classes:
         raise ValueError(f"labels file has {len(labels)} labels but the classifier has {num_classes} classes")
 

@@ -37,11 +37,12 @@ Classifier = io.Custom("LOCO_CLASSIFIER")
 
 
 def _register_classifier_folder() -> None:
-    # models/classifiers is offered next to ComfyUI's own model folders; the
-    # extra_model_paths.yaml key "classifiers" adds more locations.
+    # ComfyUI 0.3.64 already defines models/classifiers (with an extension
+    # filter that lists only files without a suffix), so the nodes scan its
+    # paths themselves; older versions get the folder registered here.
+    # The extra_model_paths.yaml key "classifiers" adds more locations.
     if CLASSIFIER_FOLDER not in folder_paths.folder_names_and_paths:
-        default = os.path.join(folder_paths.models_dir, CLASSIFIER_FOLDER)
-        folder_paths.folder_names_and_paths[CLASSIFIER_FOLDER] = ([default], {".safetensors"})
+        folder_paths.add_model_folder_path(CLASSIFIER_FOLDER, os.path.join(folder_paths.models_dir, CLASSIFIER_FOLDER))
 
 
 _register_classifier_folder()
@@ -81,29 +82,41 @@ def _pack_classifier_files() -> list[str]:
     return [PACK_PREFIX + name for name in names if "cnn" in name or "classifier" in name]
 
 
-def classifier_files() -> list[str]:
-    """Return the weight files the loader offers: the pack's own, then models/classifiers."""
-    return _pack_classifier_files() + folder_paths.get_filename_list(CLASSIFIER_FOLDER)
-
-
-def label_files() -> list[str]:
-    """Return label files (.txt, .json) found in the classifier folders, relative to them."""
+def _folder_files(suffixes: tuple[str, ...]) -> list[str]:
+    """Return files with the given suffixes under the classifier folders, as paths relative to their folder."""
     found = set()
     for root in folder_paths.get_folder_paths(CLASSIFIER_FOLDER):
         root_path = Path(root)
         if root_path.is_dir():
             for path in root_path.rglob("*"):
-                if path.suffix.lower() in LABEL_SUFFIXES and path.is_file():
+                if path.suffix.lower() in suffixes and path.is_file():
                     found.add(path.relative_to(root_path).as_posix())
-    return [NO_LABELS] + sorted(found)
+    return sorted(found)
+
+
+def _find_in_folders(name: str) -> Path | None:
+    for root in folder_paths.get_folder_paths(CLASSIFIER_FOLDER):
+        path = Path(root) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def classifier_files() -> list[str]:
+    """Return the weight files the loader offers: the pack's own, then .safetensors files in models/classifiers."""
+    return _pack_classifier_files() + _folder_files((".safetensors",))
+
+
+def label_files() -> list[str]:
+    """Return the labels choices: none, then .txt and .json files in the classifier folders."""
+    return [NO_LABELS] + _folder_files(LABEL_SUFFIXES)
 
 
 def resolve_weights(name: str) -> Path:
     if name.startswith(PACK_PREFIX):
         path = PACK_MODELS_DIR / name[len(PACK_PREFIX) :]
     else:
-        full = folder_paths.get_full_path(CLASSIFIER_FOLDER, name)
-        path = Path(full) if full else Path(name)
+        path = _find_in_folders(name) or Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"classifier weights {name!r} not found; put .safetensors files in models/classifiers")
     return path
@@ -112,11 +125,10 @@ def resolve_weights(name: str) -> Path:
 def resolve_labels(name: str) -> Path | None:
     if name == NO_LABELS:
         return None
-    for root in folder_paths.get_folder_paths(CLASSIFIER_FOLDER):
-        path = Path(root) / name
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"labels file {name!r} not found in the {CLASSIFIER_FOLDER} folders")
+    path = _find_in_folders(name)
+    if path is None:
+        raise FileNotFoundError(f"labels file {name!r} not found in the {CLASSIFIER_FOLDER} folders")
+    return path
 
 
 # ---------------------------------------------------------------------------
