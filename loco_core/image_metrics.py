@@ -62,7 +62,7 @@ def _gaussian_profile(size: int, sigma: float) -> torch.Tensor:
 
 
 def _valid_filter_matrix(length: int, profile: torch.Tensor) -> torch.Tensor:
-    # Row k holds the window at offset k, so matrix @ signal is the valid
+    # Row k contains the window at offset k, so matrix @ signal is the valid
     # correlation of the signal with the window along one axis.
     size = profile.numel()
     matrix = torch.zeros(length - size + 1, length, dtype=profile.dtype)

@@ -6,9 +6,9 @@ generalizability in diffusion models"), step by step:
 1. Draw the starting noise once on the CPU from a seeded generator, one
    seed per image, so image k gets the same noise whatever the batch layout
    (``seed_noise``). Every model starts from that identical tensor.
-2. Sample every model with the same deterministic sampler, sigmas and CFG
-   (the ComfyUI glue does this; ``check_deterministic_sampler`` lists which
-   samplers qualify), decode with each model's own VAE.
+2. Sample every model with the same deterministic sampler, sigmas and CFG,
+   and decode with each model's own VAE. The ComfyUI glue does this, and
+   ``check_deterministic_sampler`` lists the samplers that qualify.
 3. For each pair of models compare the sample of seed k from model i with
    the sample of seed l from model j. Matched pairs (k = l) measure
    reproducibility; mismatched pairs (k != l) form the null distribution.
@@ -421,10 +421,10 @@ def analyse_reproducibility(
 ) -> ReproducibilityAnalysis:
     """Score every metric: threshold, ROC-AUC and RP over model pairs, then memorization per model.
 
-    ``items[metric][i]`` holds model i's samples in the form the metric
+    ``items[metric][i]`` contains model i's samples in the form the metric
     compares (``[S, C, H, W]`` images for pixel metrics, ``[S, D]`` vectors
     for the embedding cosine), seeds in the same order for every model.
-    ``training_items[metric]`` holds the training set in the same form. The
+    ``training_items[metric]`` contains the training set in the same form. The
     memorization threshold of a metric is ``fixed_memorization_thresholds
     [metric]`` when given, else the ``null_quantile`` of the similarity of
     training images to their nearest other training image: a sample is

@@ -1,8 +1,9 @@
 """Reproducibility nodes run through ComfyUI's executor on real ComfyUI models.
 
-The mechanics (noise identity, batch independence, rejection of stochastic
-samplers, noise files, interrupts) use the tiny SD1.5 test model; the
-evidence of the method uses the pack's embedded digit models A, B and C.
+The tiny SD1.5 test model checks the mechanics: noise identity, batch
+independence, rejection of stochastic samplers, noise files and interrupts.
+The pack's embedded digit models A, B and C provide the evidence for the
+method itself.
 """
 
 import json
@@ -67,8 +68,11 @@ def test_comparison_outputs_shapes(tiny_comparison):
     assert samples.shape == (6, TINY_SIZE, TINY_SIZE, 3)
     for name in ("grid", "heatmap", "histogram"):
         picture = tiny_comparison[name]
-        assert picture.ndim == 4 and picture.shape[0] == 1 and picture.shape[-1] == 3
-        assert 0.0 <= picture.min().item() and picture.max().item() <= 1.0
+        assert picture.ndim == 4
+        assert picture.shape[0] == 1
+        assert picture.shape[-1] == 3
+        assert picture.min().item() >= 0.0
+        assert picture.max().item() <= 1.0
     assert "RP A vs B" in tiny_comparison["summary"]
 
 
@@ -77,12 +81,15 @@ def test_report_records_run_settings(tiny_comparison):
     settings = report["settings"]
     assert report["seeds"] == [0, 1, 2]
     assert report["models"] == ["A", "B"]
-    assert settings["sampler"] == "euler" and settings["scheduler"] == "normal"
-    assert settings["steps"] == TINY_STEPS and settings["cfg"] == 1.0
+    assert settings["sampler"] == "euler"
+    assert settings["scheduler"] == "normal"
+    assert settings["steps"] == TINY_STEPS
+    assert settings["cfg"] == 1.0
     assert settings["sigmas_identical"] is True
     assert len(settings["sigmas"]["A"]) == TINY_STEPS + 1
     assert settings["model_dtypes"]["A"].startswith("torch.")
-    assert settings["device"] and settings["attention_backend"]
+    assert settings["device"]
+    assert settings["attention_backend"]
     assert settings["torch_version"] == torch.__version__
     assert settings["comfyui_version"] != "unknown"
     for metric in ("ssim", "pixel_cosine", "mae"):

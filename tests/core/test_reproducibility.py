@@ -287,7 +287,8 @@ def test_leave_one_out_nearest_excludes_self():
 def test_calibration_query_indices_cover_range():
     assert reproducibility.calibration_query_indices(10, max_queries=256).tolist() == list(range(10))
     indices = reproducibility.calibration_query_indices(1000, max_queries=100)
-    assert indices[0].item() == 0 and indices[-1].item() == 999
+    assert indices[0].item() == 0
+    assert indices[-1].item() == 999
     assert len(indices) == 100
 
 
@@ -299,7 +300,8 @@ def test_seed_noise_is_independent_of_batch_layout():
     one_by_one = torch.cat([reproducibility.seed_noise([seed], (3, 8, 8)).noise for seed in range(10, 14)])
     assert torch.equal(together.noise, one_by_one)
     assert together.seeds == (10, 11, 12, 13)
-    assert together.noise.dtype == torch.float32 and together.noise.device.type == "cpu"
+    assert together.noise.dtype == torch.float32
+    assert together.noise.device.type == "cpu"
 
 
 def test_seed_noise_equals_global_manual_seed_draw():
@@ -373,7 +375,7 @@ def test_stochastic_samplers_rejected_with_names(name):
         reproducibility.check_deterministic_sampler(name)
     message = str(error.value)
     assert repr(name) in message
-    assert "euler, " in message and "dpmpp_2m" in message
+    assert "choose a deterministic sampler: euler, " in message
 
 
 def test_sampler_lists_do_not_overlap():
@@ -385,8 +387,11 @@ def test_sampler_lists_do_not_overlap():
 
 def test_render_heatmap_returns_image_tensor():
     picture = reproducibility_plots.render_heatmap(torch.tensor([[1.0, 0.8], [0.8, 1.0]]), ["A", "B"], "RP")
-    assert picture.ndim == 4 and picture.shape[0] == 1 and picture.shape[-1] == 3
-    assert 0.0 <= picture.min() and picture.max() <= 1.0
+    assert picture.ndim == 4
+    assert picture.shape[0] == 1
+    assert picture.shape[-1] == 3
+    assert picture.min() >= 0.0
+    assert picture.max() <= 1.0
     # Dark cells for 1.0 and lighter ones for 0.8 are both present.
     assert picture.min() < 0.2
 
@@ -397,6 +402,61 @@ def test_render_histogram_and_grid_shapes():
     grid = reproducibility_plots.render_image_grid(
         [torch.rand(3, 3, 8, 8), torch.rand(3, 1, 8, 8)], ["A", "B"], ["1", "2", "3"], cell_size=16
     )
-    assert grid.shape[0] == 1 and grid.shape[-1] == 3
+    assert grid.shape[0] == 1
+    assert grid.shape[-1] == 3
     with pytest.raises(ValueError, match="one label per row"):
         reproducibility_plots.render_image_grid([torch.rand(3, 3, 8, 8)], ["A", "B"], ["1", "2", "3"])
+
+
+# --- whole analysis ------------------------------------------------------------------------------
+
+
+def test_analyse_reproducibility_end_to_end():
+    # Model 0 and model 1 agree per seed; model 2 copies training images.
+    training = random_images(12, seed=20, size=16)
+    base = random_images(6, seed=21, size=16)
+    close = (base + 0.01 * random_images(6, seed=22, size=16)).clamp(0, 1)
+    copies = training[:6].clone()
+    items = {metric: [base, close, copies] for metric in image_metrics.PIXEL_METRICS}
+    training_items = {metric: training for metric in image_metrics.PIXEL_METRICS}
+
+    analysis = reproducibility.analyse_reproducibility(items, training_items, null_quantile=0.9)
+
+    for metric in image_metrics.PIXEL_METRICS:
+        assert analysis.comparisons[metric].rp_matrix[0, 1].item() == 1.0
+        memorized = [result.memorized_fraction for result in analysis.memorization[metric]]
+        assert memorized[2] == 1.0
+        # Model 0's samples are random like the training images, so they pass
+        # the calibrated threshold at about the null rate (1 - 0.9) only.
+        assert memorized[0] <= 0.5
+        self_similarity = image_metrics.similarity_matrix(training, training, metric)
+        nearest_other = reproducibility.leave_one_out_nearest(self_similarity, torch.arange(12))
+        expected_threshold = reproducibility.calibrate_threshold(nearest_other, 0.9)
+        assert analysis.memorization[metric][0].threshold == pytest.approx(expected_threshold)
+        assert analysis.memorization_threshold_source[metric] == "training nearest-neighbour null"
+        assert analysis.memorization_null_size[metric] == 12
+
+
+def test_analysis_report_is_json_ready():
+    samples = [random_images(4, seed=23, size=16), random_images(4, seed=24, size=16)]
+    training = random_images(5, seed=25, size=16)
+    analysis = reproducibility.analyse_reproducibility(
+        {"mae": samples}, {"mae": training}, fixed_memorization_thresholds={"mae": 0.95}
+    )
+    report = reproducibility.analysis_report(analysis, ["A", "B"], (3, 4, 5, 6))
+    text = json.dumps(report)
+    assert json.loads(text)["seeds"] == [3, 4, 5, 6]
+    entry = report["metrics"]["mae"]
+    assert entry["null_pairs"] == 12
+    assert entry["memorization"]["threshold"] == 0.95
+    assert entry["memorization"]["threshold_source"] == "fixed"
+    assert len(entry["memorization"]["models"][1]["nearest_training_index"]) == 4
+    summary = reproducibility.analysis_summary(analysis, ["A", "B"], "mae")
+    assert "RP A vs B" in summary
+    assert "GL" in summary
+
+
+def test_metric_similarity_embedding_cosine():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    matrix = reproducibility.metric_similarity(reproducibility.EMBEDDING_METRIC, a, a)
+    assert torch.allclose(matrix, torch.eye(2, dtype=torch.float64))
