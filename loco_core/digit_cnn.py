@@ -94,3 +94,19 @@ class DigitCNN(nn.Module):
             )
         normalised = (images - self.mean) / self.std
         return self.head(self.features(normalised))
+
+
+def load_digit_cnn(path) -> DigitCNN:
+    """Load DigitCNN weights and configuration from a safetensors file, in eval mode."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    if "digit_cnn_config" not in metadata:
+        raise ValueError(
+            f"{path} has no 'digit_cnn_config' metadata; it was not written by scripts/train_embedded.py"
+        )
+    model = DigitCNN(DigitCNNConfig.from_json(metadata["digit_cnn_config"]))
+    model.load_state_dict(state)
+    return model.eval()

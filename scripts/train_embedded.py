@@ -103,7 +103,7 @@ class DiffusionSpec:
     learning_rate: float
     seed: int
     ema_decay: float = 0.995
-    warmup_steps: int = 100
+    warmup_steps: int = 50
 
 
 ARCH_ATTENTION = unet_config(32, (1, 2, 2), 1, attention_levels={2}, middle_attention=True)
@@ -111,14 +111,14 @@ ARCH_PLAIN = unet_config(32, (1, 2, 2, 2), 1, attention_levels=set(), middle_att
 
 DIFFUSION_SPECS = {
     "a": DiffusionSpec("loco_digits_a", "UNet with attention at 8x8, all 4,500 training digits",
-                       ARCH_ATTENTION, "train", steps=1600, batch_size=32, learning_rate=2e-3, seed=1),
+                       ARCH_ATTENTION, "train", steps=800, batch_size=32, learning_rate=2e-3, seed=1),
     "b": DiffusionSpec("loco_digits_b", "four-level UNet without attention, other seed, all 4,500 training digits",
-                       ARCH_PLAIN, "train", steps=2000, batch_size=32, learning_rate=2e-3, seed=2),
+                       ARCH_PLAIN, "train", steps=700, batch_size=32, learning_rate=2e-3, seed=2),
     "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
-                       ARCH_ATTENTION, "memorize", steps=1200, batch_size=32, learning_rate=2e-3, seed=3),
+                       ARCH_ATTENTION, "memorize", steps=450, batch_size=32, learning_rate=2e-3, seed=3),
 }
 
-CNN_EPOCHS = 12
+CNN_EPOCHS = 10
 CNN_BATCH_SIZE = 64
 CNN_LEARNING_RATE = 1e-3
 CNN_SEED = 4
