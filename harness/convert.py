@@ -13,9 +13,10 @@ comfyui-frontend-package 1.27.10):
 
 - widget values map onto the widget inputs in ``input_order`` order:
   required, then optional;
-- an INT input named ``seed`` or ``noise_seed``, or with
-  ``control_after_generate``, is followed by one extra value (the control
-  mode); a COMBO with ``control_after_generate`` by two (mode and filter);
+- an INT input with ``control_after_generate``, or named ``seed`` or
+  ``noise_seed`` when that option is absent, is followed by one extra value
+  (the control mode); a COMBO with ``control_after_generate`` by two (mode
+  and filter);
 - a link overrides the widget value of the same input;
 - a link from a PrimitiveNode carries that node's value;
 - Reroute nodes are followed to their source;
@@ -127,8 +128,13 @@ class InputSpec:
         """Number of frontend-only values stored after this widget's value."""
         if not self.is_widget:
             return 0
-        if self.type == "INT" and (self.options.get("control_after_generate") or self.name in SEED_INPUT_NAMES):
-            return 1
+        if self.type == "INT":
+            # The frontend falls back to the name only when the option is absent,
+            # so an explicit control_after_generate=False turns the control off.
+            control = self.options.get("control_after_generate")
+            if control is None:
+                control = self.name in SEED_INPUT_NAMES
+            return 1 if control else 0
         if self.type == "COMBO" and self.options.get("control_after_generate"):
             return 2
         return 0

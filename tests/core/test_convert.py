@@ -126,6 +126,15 @@ def test_seed_name_without_control_flag_still_skips():
     assert schema.widget_slots["steps"] == 2
 
 
+def test_seed_control_turned_off_explicitly():
+    info = json.loads(json.dumps(SCHEMAS["KSampler"]))
+    info["input"]["required"]["seed"][1]["control_after_generate"] = False
+
+    schema = NodeSchema.from_info("KSampler", info)
+
+    assert schema.widget_slots["steps"] == 1
+
+
 def test_link_overrides_widget_value():
     graph = ksampler_graph()
     graph.node(8, "PrimitiveInt", [7, "fixed"], outputs=("INT",))
