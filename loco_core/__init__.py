@@ -12,7 +12,7 @@ from .locality import leakage, project_out
 from .sampling import apply_direction, decode, invert, ode_step
 from .schedules import DiscreteVPSchedule, SIGMA_FLOOR, alpha_bar_to_sigma, level_grid, sigma_to_alpha_bar, vp_alphas_cumprod
 from .subspace import ConvergenceRecord, MaskedSubspace, masked_subspace, principal_angle_sine
-from .tloco import text_direction
+from .tloco import pull_back, text_change, text_direction
 
 __all__ = [
     "ConvergenceRecord",
@@ -36,8 +36,10 @@ __all__ = [
     "ode_step",
     "principal_angle_sine",
     "project_out",
+    "pull_back",
     "saveable_weights",
     "sigma_to_alpha_bar",
+    "text_change",
     "text_direction",
     "transfer",
     "vp_alphas_cumprod",

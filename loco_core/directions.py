@@ -211,25 +211,31 @@ def transfer(
     seed: int = 0,
     on_round: RoundCallback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adapt a direction to another image: project out the target's complement subspace.
+    """Adapt directions to another image: project out the target's complement subspace.
 
-    Returns the unit direction [*shape] and its leakage on the target. With
-    null_rank 0 the direction is only normalised.
+    ``direction`` is one direction [*shape] or a block [k, *shape]. Returns
+    unit directions of the same shape and their leakage on the target. With
+    null_rank 0 the directions are only normalised.
     """
-    if tuple(direction.shape) != target.shape:
+    single = tuple(direction.shape) == target.shape
+    block = direction[None] if single else direction
+    if tuple(block.shape[1:]) != target.shape:
         raise LocoError(
             f"direction shape {tuple(direction.shape)} differs from the target latent shape {target.shape}; "
             "transfer between latents of the same size"
         )
     weights = broadcast_mask(mask, target.shape)
-    vector = direction.reshape(1, *target.shape).to(target.x.device)
-    norm = vector.norm()
-    if float(norm) == 0:
-        raise LocoError("the direction to transfer is zero")
-    vector = vector / norm
+    block = block.to(device=target.x.device, dtype=torch.promote_types(target.x.dtype, torch.float32))
+    norms = block.flatten(1).norm(dim=1)
+    if bool((norms == 0).any()):
+        raise LocoError("a direction to transfer is zero")
+    block = block / norms.view(-1, *([1] * len(target.shape)))
 
     if null_rank > 0:
         null = masked_subspace(target, 1 - weights, null_rank, oversample, max_rounds, tolerance, seed, on_round=on_round)
-        vector = project_out(vector, null.vectors)
+        block = project_out(block, null.vectors)
 
-    return vector[0], leakage(target, vector, weights)[0]
+    block_leakage = leakage(target, block, weights)
+    if single:
+        return block[0], block_leakage[0]
+    return block, block_leakage

@@ -16,6 +16,27 @@ from .locality import leakage, project_out
 from .subspace import broadcast_mask
 
 
+def text_change(source_value: torch.Tensor, edit_value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """d = P (D_edit(x) - D_src(x)) for one image [1, *shape]; raises when the prompts agree inside the mask."""
+    weights = broadcast_mask(mask, tuple(source_value.shape[1:])).to(source_value.device)
+    change = weights * (edit_value - source_value)
+    if float(change.abs().max()) == 0:
+        raise LocoError(
+            "the edit conditioning predicts the same image as the source inside the mask; "
+            "use a different edit prompt or a higher noise level"
+        )
+    return change
+
+
+def pull_back(edit: JacobianProducts, change: torch.Tensor, null_vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit direction [1, *shape] along J_edit^T d, with span(null_vectors) removed."""
+    vector = edit.vjp(change)
+    vector = vector / vector.norm()
+    if null_vectors is not None and null_vectors.shape[0] > 0:
+        vector = project_out(vector, null_vectors)
+    return vector
+
+
 def text_direction(
     source: JacobianProducts,
     edit: JacobianProducts,
@@ -25,18 +46,7 @@ def text_direction(
     """Unit T-LOCO direction [*shape] and its leakage under the source model."""
     if source.shape != edit.shape or source.sigma != edit.sigma or not torch.equal(source.x, edit.x):
         raise LocoError("source and edit products must be taken at the same latent and noise level")
-    weights = broadcast_mask(mask, source.shape).to(source.x.device)
 
-    change = weights * (edit.value() - source.value())
-    if float(change.abs().max()) == 0:
-        raise LocoError(
-            "the edit conditioning predicts the same image as the source inside the mask; "
-            "use a different edit prompt or a higher noise level"
-        )
-
-    vector = edit.vjp(change)
-    vector = vector / vector.norm()
-    if null_vectors is not None and null_vectors.shape[0] > 0:
-        vector = project_out(vector, null_vectors)
-
-    return vector[0], leakage(source, vector, weights)[0]
+    change = text_change(source.value(), edit.value(), mask)
+    vector = pull_back(edit, change, null_vectors)
+    return vector[0], leakage(source, vector, mask)[0]

@@ -9,7 +9,7 @@ import importlib
 
 from comfy_api.latest import ComfyExtension, io
 
-NODE_MODULES: tuple[str, ...] = ("attacks", "reproducibility", "models")
+NODE_MODULES: tuple[str, ...] = ("attacks", "reproducibility", "models", "loco_edit", "loco_storage")
 
 
 class LocoExtension(ComfyExtension):

@@ -1,0 +1,71 @@
+"""Bring a ComfyUI MASK to the grid where the Jacobian is taken (the latent).
+
+Policy:
+- Rank: [H, W], [B, H, W] and [B, 1, H, W] are accepted, any numeric dtype.
+  Boolean and integer masks count nonzero as inside; float masks must lie in
+  [0, 1] and act as soft weights on the denoiser output.
+- Batch: one mask applies to every image; otherwise the mask batch must equal
+  the latent batch and the entry of the chosen image is used.
+- Size: a mask of the latent's size is used as it is. A mask of the decoded
+  image's size (an integer multiple f of the latent size, the same f for
+  height and width, as 8 for Stable Diffusion) is area-averaged down to the
+  latent grid. Any other size is an error, because stretching would move the
+  edit region.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..loco_core import LocoError
+
+
+def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, ...], batch_index: int = 0) -> torch.Tensor:
+    """Weights [1, h, w] in [0, 1] for image ``batch_index`` of a latent [B, C, h, w]."""
+    batch, _, height, width = latent_shape
+    weights = _as_float(mask)
+
+    if weights.ndim == 2:
+        weights = weights[None]
+    elif weights.ndim == 4 and weights.shape[1] == 1:
+        weights = weights[:, 0]
+    elif weights.ndim != 3:
+        raise LocoError(f"MASK of shape {tuple(mask.shape)} is not supported; use [H,W], [B,H,W] or [B,1,H,W]")
+
+    if weights.shape[0] == batch and batch > 1:
+        weights = weights[batch_index : batch_index + 1]
+    elif weights.shape[0] != 1:
+        raise LocoError(
+            f"MASK batch of {weights.shape[0]} does not match the latent batch of {batch}; "
+            "give one mask for all images or one per image"
+        )
+
+    return _resize(weights, height, width)
+
+
+def _as_float(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool or not mask.is_floating_point():
+        return (mask != 0).float()
+    weights = mask.float()
+    if not bool(torch.isfinite(weights).all()):
+        raise LocoError("MASK contains NaN or infinite values")
+    if bool((weights < 0).any()) or bool((weights > 1).any()):
+        raise LocoError(
+            f"MASK values range from {float(weights.min()):.3g} to {float(weights.max()):.3g}; "
+            "a mask must lie in [0, 1]"
+        )
+    return weights
+
+
+def _resize(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    mask_height, mask_width = weights.shape[-2:]
+    if (mask_height, mask_width) == (height, width):
+        return weights.clone()
+
+    factor = mask_height // height
+    exact = factor >= 1 and mask_height == factor * height and mask_width == factor * width
+    if not exact:
+        raise LocoError(
+            f"MASK is {mask_width}x{mask_height} but the latent is {width}x{height}; use a mask of the latent's "
+            "size or of the image's size (the latent size times the model's downscale factor, e.g. 8)"
+        )
+    return F.avg_pool2d(weights[:, None], kernel_size=factor)[:, 0]
