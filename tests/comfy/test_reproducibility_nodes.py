@@ -353,11 +353,12 @@ def require_digit_models():
         pytest.skip(f"embedded digit models missing from assets/models: {', '.join(missing)}")
 
 
-def digits_prompt(labels=("A", "B", "C"), batch_size: int = DIGIT_SEEDS, training_folder: str = "") -> dict:
+def digits_prompt(labels=("A", "B", "C"), count: int = DIGIT_SEEDS, batch_size: int = DIGIT_SEEDS,
+                  training_folder: str = "") -> dict:
     prompt = {
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
         "noise": {"class_type": "LOCOSeedNoise",
-                  "inputs": {"start_seed": 0, "count": DIGIT_SEEDS, "latent_channels": 3, "latent_height": 32,
+                  "inputs": {"start_seed": 0, "count": count, "latent_channels": 3, "latent_height": 32,
                              "latent_width": 32}},
     }
     previous = None
@@ -421,8 +422,14 @@ def test_digit_model_c_memorizes_and_a_does_not(digit_comparison):
     assert by_model["A"]["generalization_score"] == pytest.approx(1.0 - by_model["A"]["memorized_fraction"])
 
 
-def test_digit_models_batched_match_one_by_one(comfy, digit_comparison, memorize_folder):
-    one_by_one = comparison_outputs(comfy.run(digits_prompt(labels=("A", "B"), batch_size=1), targets=["compare"]))
-    batched = digit_comparison["samples"][: 2 * DIGIT_SEEDS]
-    difference = (one_by_one["samples"] - batched).abs().max().item()
-    assert difference < 1e-4
+def test_digit_models_batched_match_one_by_one(comfy, digit_comparison):
+    # Seeds 0..2 one per sampler call against the same seeds inside the batch
+    # of eight. The noise is bit-identical; batched CPU kernels may round
+    # differently, far below one 8-bit grey level.
+    count = 3
+    one_by_one = comparison_outputs(comfy.run(digits_prompt(labels=("A", "B"), count=count, batch_size=1),
+                                              targets=["compare"]))["samples"]
+    batched = digit_comparison["samples"]
+    for model in range(2):
+        difference = one_by_one[model * count:(model + 1) * count] - batched[model * DIGIT_SEEDS:][:count]
+        assert difference.abs().max().item() < 1e-4
