@@ -155,9 +155,13 @@ class JacobianProducts:
         try:
             result = self._vjp_reverse(cotangents)
         except RuntimeError as error:
+            # NOTE: besides inference-tensor weights, in-place additions in model
+            # patches (ComfyUI's ControlNet adds its residuals with +=) also
+            # break reverse mode; no test covers a ControlNet here yet.
             raise JacobianError(
-                f"reverse-mode VJP failed: {error}. Reverse mode needs weights that autograd can save: "
-                "wrap the call in loco_core.jacobian.saveable_weights(module), or use vjp_strategy='symmetric'"
+                f"reverse-mode VJP failed: {error}. Reverse mode needs weights that autograd can save "
+                "(wrap the call in loco_core.jacobian.saveable_weights(module)) and no in-place edits of "
+                "activations by model patches; vjp_strategy='symmetric' avoids reverse mode"
             ) from error
         _check_product("VJP (reverse)", result)
         return result

@@ -2,7 +2,7 @@
 
 With a source denoiser D_src and an edit denoiser D_edit (the same model with
 the source and the edit conditioning) at the same point x and noise level:
-    d = P (D_edit(x) - D_src(x))       the masked change the prompt asks for
+    d = P (D_edit(x) - D_src(x))       the masked change the prompt requests
     v = J_edit^T d / |J_edit^T d|       the input direction that best produces it
 then v is projected off the complement subspace as in plain LOCO. The edited
 latent is decoded with the source conditioning.

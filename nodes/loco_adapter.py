@@ -2,9 +2,8 @@
 
 A MODEL plus positive and negative CONDITIONING plus a CFG scale becomes a
 callable D(x, sigma) that returns the denoised x0 prediction exactly as
-KSampler computes it: CFG, model patches, wrappers, LoRA and ControlNet all
-apply, because the callable is ComfyUI's own CFGGuider seen from inside a
-sampler. ``run_with_denoiser`` runs a task while that callable is valid.
+KSampler computes it. The callable is ComfyUI's own CFGGuider seen from inside
+a sampler, so CFG, model patches, wrappers, LoRA and ControlNet all apply. ``run_with_denoiser`` runs a task while that callable is valid.
 
 The task works in model space: ComfyUI's ``process_latent_in`` has already
 scaled the latent, and for every model family x0 is the denoised output.
@@ -134,10 +133,6 @@ def run_with_denoiser(
     noise = torch.zeros_like(latent)
     guider.sample(noise, latent, sampler, sigmas.float(), disable_pbar=True, seed=seed)
     return sampler.result
-
-
-def latent_to_model_space(model: comfy.model_patcher.ModelPatcher, latent: torch.Tensor) -> torch.Tensor:
-    return model.model.process_latent_in(latent)
 
 
 def model_space_to_latent(model: comfy.model_patcher.ModelPatcher, samples: torch.Tensor) -> torch.Tensor:

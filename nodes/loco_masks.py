@@ -4,8 +4,8 @@ Policy:
 - Rank: [H, W], [B, H, W] and [B, 1, H, W] are accepted, any numeric dtype.
   Boolean and integer masks count nonzero as inside; float masks must lie in
   [0, 1] and act as soft weights on the denoiser output.
-- Batch: one mask applies to every image; otherwise the mask batch must equal
-  the latent batch and the entry of the chosen image is used.
+- Batch: one mask applies to every image. Otherwise the mask batch must equal
+  the latent batch, and the chosen image's entry is used.
 - Size: a mask of the latent's size is used as it is. A mask of the decoded
   image's size (an integer multiple f of the latent size, the same f for
   height and width, as 8 for Stable Diffusion) is area-averaged down to the

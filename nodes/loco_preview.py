@@ -9,16 +9,16 @@ LABEL_HEIGHT = 18
 
 
 def directions_preview(vectors: torch.Tensor, singular_values: torch.Tensor, count: int = 5) -> torch.Tensor:
-    """One IMAGE [1, H, W, 3] showing up to ``count`` directions side by side with their singular values.
+    """Draw up to ``count`` directions side by side, labelled with their singular values, as one IMAGE [1, H, W, 3].
 
     Each direction shows its first three latent channels (fewer are repeated)
     with zero at mid grey and the largest magnitude at black or white.
     """
-    shown = min(count, vectors.shape[0])
+    tile_count = min(count, vectors.shape[0])
     tiles = []
-    for index in range(shown):
+    for index in range(tile_count):
         tiles.append(_tile(vectors[index].float().cpu(), index, float(singular_values[index])))
-    strip = Image.new("RGB", (TILE_SIZE * shown, TILE_SIZE + LABEL_HEIGHT), "black")
+    strip = Image.new("RGB", (TILE_SIZE * tile_count, TILE_SIZE + LABEL_HEIGHT), "black")
     for index, tile in enumerate(tiles):
         strip.paste(tile, (index * TILE_SIZE, 0))
     array = torch.frombuffer(bytearray(strip.tobytes()), dtype=torch.uint8).reshape(strip.height, strip.width, 3)

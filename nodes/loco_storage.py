@@ -28,7 +28,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def save_path(filename_prefix: str) -> Path:
-    """The first free ``<prefix>_NNNNN.safetensors`` inside the output folder."""
+    """Return the first free ``<prefix>_NNNNN.safetensors`` inside the output folder."""
     root = _output_root()
     prefix = filename_prefix.strip().replace("\\", "/")
     if not prefix or prefix.endswith("/"):

@@ -33,8 +33,8 @@ class InvertedLatent:
         return tuple(self.samples.shape)
 
     def image(self, batch_index: int) -> torch.Tensor:
-        """One inverted latent [1, C, h, w]."""
+        """Return one inverted latent [1, C, h, w]."""
         batch = self.samples.shape[0]
         if not 0 <= batch_index < batch:
-            raise ValueError(f"batch_index {batch_index} is out of range; the inverted batch holds images 0..{batch - 1}")
+            raise ValueError(f"batch_index {batch_index} is out of range; the inverted batch contains images 0..{batch - 1}")
         return self.samples[batch_index : batch_index + 1]
