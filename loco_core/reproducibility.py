@@ -397,6 +397,8 @@ EMBEDDING_METRIC = "embedding_cosine"
 
 def metric_similarity(metric: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Compute the ``[len(a), len(b)]`` similarity matrix of a pixel metric or of the embedding cosine."""
+    # Scores are statistics, never part of a graph to differentiate.
+    a, b = a.detach(), b.detach()
     if metric == EMBEDDING_METRIC:
         return image_metrics.embedding_cosine_matrix(a, b)
     return image_metrics.similarity_matrix(a, b, metric)

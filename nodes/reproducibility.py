@@ -487,7 +487,7 @@ def _embed(clip_vision, images: torch.Tensor) -> torch.Tensor:
     for start in range(0, images.shape[0], CLIP_VISION_BATCH):
         comfy.model_management.throw_exception_if_processing_interrupted()
         batch = images[start : start + CLIP_VISION_BATCH].movedim(1, -1)
-        embeddings.append(clip_vision.encode_image(batch).image_embeds.to("cpu", torch.float32))
+        embeddings.append(clip_vision.encode_image(batch).image_embeds.detach().to("cpu", torch.float32))
     return torch.cat(embeddings)
 
 
