@@ -37,7 +37,14 @@ DIGIT_MODEL_B = "pack/loco_digits_b.safetensors"
 
 # Output slots by index: ComfyUI 0.3.64's /object_info names V3 outputs by
 # display name or type, not by id, so several outputs can share a name.
-LOADER_MODEL = 0
+LOADER_MODEL, LOADER_CONDITIONING = 0, 1
+CHECKPOINT_MODEL, CHECKPOINT_CLIP, CHECKPOINT_VAE = 0, 1, 2
+FIND_DIRECTIONS, FIND_PREVIEW, FIND_REPORT = 0, 1, 2
+
+# Small settings for the embedded 32x32 models so the main job stays at a
+# few minutes on a CPU; raise them in the editor for better directions.
+EDIT_STEPS = 6
+FIND_ROUNDS = 4
 MASK_FOREGROUND = 0
 ATTACK_ADVERSARIAL, ATTACK_PERTURBATION, ATTACK_REPORT, ATTACK_SUMMARY = 0, 1, 2, 3
 SEED_NOISE = 0
@@ -121,8 +128,200 @@ def reproducibility_comparison(info: dict) -> WorkflowBuilder:
     return b
 
 
+def _box_mask(b: WorkflowBuilder, size: int, box: tuple[int, int, int, int], column: int):
+    """Build a 0/1 MASK of ``size`` x ``size`` with a white box (x, y, width, height) from core nodes."""
+    x, y, width, height = box
+    base = b.add("SolidMask", {"value": 0.0, "width": size, "height": size}, title="Mask canvas", column=column)
+    white = b.add("SolidMask", {"value": 1.0, "width": width, "height": height}, title="Edit region", column=column)
+    mask = b.add("MaskComposite", {"x": x, "y": y, "operation": "add"}, title="Region mask", column=column + 1)
+    b.connect(base, 0, mask, "destination")
+    b.connect(white, 0, mask, "source")
+    return mask
+
+
+def _digit_model(b: WorkflowBuilder, model_name: str = DIGIT_MODEL_A, title: str = "Digit model A"):
+    model = b.add("LOCOLoadDiffusionModel", {"model_name": model_name, "weight_dtype": "fp32"}, title=title, column=0)
+    vae = b.add("VAELoader", {"vae_name": "pixel_space"}, column=0)
+    return model, vae
+
+
+def _encode_image(b: WorkflowBuilder, vae, image_name: str, title: str, column: int = 0):
+    image = b.add("LoadImage", {"image": image_name}, title=title, column=column)
+    latent = b.add("VAEEncode", column=column + 1)
+    b.connect(image, "IMAGE", latent, "pixels")
+    b.connect(vae, 0, latent, "vae")
+    return latent
+
+
+def _invert(b: WorkflowBuilder, model, latent, column: int = 2):
+    inversion = b.add("LOCOInvert", {"edit_level": 0.6, "steps": EDIT_STEPS, "cfg": 1.0}, column=column)
+    b.connect(model, LOADER_MODEL, inversion, "model")
+    b.connect(model, LOADER_CONDITIONING, inversion, "positive")
+    b.connect(model, LOADER_CONDITIONING, inversion, "negative")
+    b.connect(latent, 0, inversion, "latent")
+    return inversion
+
+
+def _edit_node(b: WorkflowBuilder, node_type: str, widgets: dict, model, inversion, directions, column: int,
+               title: str | None = None):
+    node = b.add(node_type, widgets, title=title, column=column)
+    b.connect(model, LOADER_MODEL, node, "model")
+    b.connect(model, LOADER_CONDITIONING, node, "positive")
+    b.connect(model, LOADER_CONDITIONING, node, "negative")
+    b.connect(inversion, 0, node, "inversion")
+    b.connect(directions, 0, node, "directions")
+    return node
+
+
+def _decode_and_save(b: WorkflowBuilder, latent_node, vae, prefix: str, column: int, title: str | None = None):
+    decode = b.add("VAEDecode", column=column)
+    save = b.add("SaveImage", {"filename_prefix": prefix}, title=title, column=column + 1)
+    b.connect(latent_node, 0, decode, "samples")
+    b.connect(vae, 0, decode, "vae")
+    b.connect(decode, 0, save, "images")
+    return save
+
+
+def loco_edit_real_image(info: dict) -> WorkflowBuilder:
+    """LOCO Edit of a real digit image: invert, find directions in a region, sweep, apply."""
+    b = WorkflowBuilder(info)
+    b.note(
+        "# LOCO Edit of a real image\n"
+        "The digit is carried up to noise level 0.6 with deterministic DDIM. The top singular "
+        "vectors of the denoiser's Jacobian, restricted to the white box of the mask and with the "
+        "rest of the image's directions projected out, are the edit directions. The sweep shows "
+        "direction 0 from -6 to +6 (its sign is arbitrary); Apply Edit decodes one strength.",
+        column=0,
+    )
+    model, vae = _digit_model(b)
+    latent = _encode_image(b, vae, "digit_3.png", "Image to edit")
+    inversion = _invert(b, model, latent)
+    mask = _box_mask(b, 32, (8, 4, 16, 12), column=1)
+    find = b.add("LOCOFindDirections", {"rank": 2, "null_rank": 3, "max_rounds": FIND_ROUNDS, "seed": 0}, column=3)
+    b.connect(model, LOADER_MODEL, find, "model")
+    b.connect(model, LOADER_CONDITIONING, find, "positive")
+    b.connect(model, LOADER_CONDITIONING, find, "negative")
+    b.connect(inversion, 0, find, "inversion")
+    b.connect(mask, 0, find, "mask")
+
+    sweep = _edit_node(b, "LOCOSweep", {"direction_index": 0, "max_strength": 6.0, "count": 3},
+                       model, inversion, find, column=4)
+    apply = _edit_node(b, "LOCOApplyEdit", {"direction_index": 0, "strength": 4.0},
+                       model, inversion, find, column=4)
+    _decode_and_save(b, sweep, vae, "loco_edit/sweep", column=5, title="Sweep of direction 0")
+    _decode_and_save(b, apply, vae, "loco_edit/edited", column=5, title="Edited image")
+    save_preview = b.add("SaveImage", {"filename_prefix": "loco_edit/directions"}, title="Directions", column=4)
+    report = b.add("PreviewAny", title="Directions report", column=4)
+    b.connect(find, FIND_PREVIEW, save_preview, "images")
+    b.connect(find, FIND_REPORT, report, "source")
+    return b
+
+
+def loco_transfer_compose(info: dict) -> WorkflowBuilder:
+    """Directions found on one digit, transferred to another and composed."""
+    b = WorkflowBuilder(info)
+    b.note(
+        "# Transfer and composition\n"
+        "Directions found on digit 3 are re-projected onto digit 5's own complement subspace "
+        "(LOCO Transfer Directions) and applied there. LOCO Compose Directions adds directions 0 "
+        "and 1 of the source set into one edit.",
+        column=0,
+    )
+    model, vae = _digit_model(b)
+    source_latent = _encode_image(b, vae, "digit_3.png", "Source image")
+    target_latent = _encode_image(b, vae, "digit_5.png", "Target image")
+    source = _invert(b, model, source_latent)
+    target = _invert(b, model, target_latent)
+    mask = _box_mask(b, 32, (8, 4, 16, 12), column=1)
+    find = b.add("LOCOFindDirections", {"rank": 2, "null_rank": 3, "max_rounds": FIND_ROUNDS, "seed": 0}, column=3)
+    b.connect(model, LOADER_MODEL, find, "model")
+    b.connect(model, LOADER_CONDITIONING, find, "positive")
+    b.connect(model, LOADER_CONDITIONING, find, "negative")
+    b.connect(source, 0, find, "inversion")
+    b.connect(mask, 0, find, "mask")
+
+    transfer = b.add("LOCOTransferDirections", {"null_rank": 3, "seed": 0}, column=4)
+    b.connect(model, LOADER_MODEL, transfer, "model")
+    b.connect(model, LOADER_CONDITIONING, transfer, "positive")
+    b.connect(model, LOADER_CONDITIONING, transfer, "negative")
+    b.connect(find, 0, transfer, "directions")
+    b.connect(target, 0, transfer, "inversion")
+    compose = b.add("LOCOComposeDirections", {"weights": "0:1.0, 1:1.0"}, column=4)
+    b.connect(find, 0, compose, "directions")
+
+    on_target = _edit_node(b, "LOCOSweep", {"direction_index": 0, "max_strength": 6.0, "count": 3},
+                           model, target, transfer, column=5, title="Transferred sweep")
+    composed = _edit_node(b, "LOCOApplyEdit", {"direction_index": 0, "strength": 4.0},
+                          model, source, compose, column=5, title="Composed edit")
+    _decode_and_save(b, on_target, vae, "loco_transfer/transferred_sweep", column=6, title="Transferred sweep")
+    _decode_and_save(b, composed, vae, "loco_transfer/composed", column=6, title="Composed edit")
+    return b
+
+
+def tloco_stable_diffusion(info: dict) -> WorkflowBuilder:
+    """T-LOCO on a Stable Diffusion 1.5 checkpoint: an edit direction from an edit prompt."""
+    b = WorkflowBuilder(info)
+    b.note(
+        "# T-LOCO with Stable Diffusion 1.5\n"
+        "Files to provide:\n"
+        "- **models/checkpoints/v1-5-pruned-emaonly.safetensors**: a Stable Diffusion 1.5 checkpoint "
+        "(any SD1.5 checkpoint works; pick it in Load Checkpoint).\n"
+        "- **input/face.png**: the image to edit, 512x512 (Load Image scales it).\n\n"
+        "The mask's white box marks the region to edit in latent pixels (64x64 for 512x512 images). "
+        "The source prompt describes the image; the edit prompt describes the change. The "
+        "direction is applied with the source conditioning. Runs for minutes on a CPU.",
+        column=0,
+    )
+    checkpoint = b.add("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, column=0)
+    source_prompt = b.add("CLIPTextEncode", {"text": "a photo of a face"}, title="Source prompt", column=1)
+    edit_prompt = b.add("CLIPTextEncode", {"text": "a photo of a smiling face"}, title="Edit prompt", column=1)
+    negative = b.add("CLIPTextEncode", {"text": ""}, title="Negative prompt", column=1)
+    image = b.add("LoadImage", {"image": "face.png"}, title="Image to edit", column=0)
+    scale = b.add("ImageScale", {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"},
+                  column=1)
+    latent = b.add("VAEEncode", column=2)
+    inversion = b.add("LOCOInvert", {"edit_level": 0.6, "steps": 20, "cfg": 1.0}, column=3)
+    mask = _box_mask(b, 64, (16, 36, 32, 16), column=1)
+    direction = b.add("LOCOTextDirection", {"null_rank": 5, "seed": 0}, column=4)
+    apply = b.add("LOCOApplyEdit", {"direction_index": 0, "strength": 6.0}, column=5)
+
+    for clip_user in (source_prompt, edit_prompt, negative):
+        b.connect(checkpoint, CHECKPOINT_CLIP, clip_user, "clip")
+    b.connect(image, "IMAGE", scale, "image")
+    b.connect(scale, 0, latent, "pixels")
+    b.connect(checkpoint, CHECKPOINT_VAE, latent, "vae")
+    for node in (inversion, direction, apply):
+        b.connect(checkpoint, CHECKPOINT_MODEL, node, "model")
+        b.connect(source_prompt, 0, node, "positive")
+        b.connect(negative, 0, node, "negative")
+    b.connect(latent, 0, inversion, "latent")
+    b.connect(edit_prompt, 0, direction, "edit_positive")
+    b.connect(inversion, 0, direction, "inversion")
+    b.connect(mask, 0, direction, "mask")
+    b.connect(inversion, 0, apply, "inversion")
+    b.connect(direction, 0, apply, "directions")
+    decode = b.add("VAEDecode", column=6)
+    save = b.add("SaveImage", {"filename_prefix": "tloco/edited"}, column=7)
+    b.connect(apply, 0, decode, "samples")
+    b.connect(checkpoint, CHECKPOINT_VAE, decode, "vae")
+    b.connect(decode, 0, save, "images")
+    return b
+
+
 # name: (builder, runs on the embedded models, one-line summary)
 WORKFLOWS: dict[str, tuple[Callable[[dict], WorkflowBuilder], bool, str]] = {
+    "loco_edit_real_image": (
+        loco_edit_real_image, True,
+        "LOCO Edit of a real digit image: invert, find directions in a box, sweep and apply one.",
+    ),
+    "loco_transfer_compose": (
+        loco_transfer_compose, True,
+        "Directions found on one digit transferred to another, and two directions composed.",
+    ),
+    "tloco_stable_diffusion": (
+        tloco_stable_diffusion, False,
+        "T-LOCO on a Stable Diffusion 1.5 checkpoint: an edit direction from an edit prompt.",
+    ),
     "dual_perturbation_attack": (
         dual_perturbation_attack, True,
         "Dual-budget PGD attack on a digit image against the pack's digit classifier.",
