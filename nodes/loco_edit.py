@@ -150,6 +150,25 @@ def _cfg_input(default: float = 1.0) -> io.Float.Input:
     )
 
 
+def _clean_latent(latent, image, vae) -> torch.Tensor:
+    """The latent to invert, from a LATENT or from an IMAGE encoded by a VAE (exactly one of the two)."""
+    if latent is not None and image is not None:
+        raise LocoError("both latent and image are connected; connect one of them")
+    if image is not None:
+        if vae is None:
+            raise LocoError("image is connected but vae is not; connect the VAE that matches the model")
+        # Alpha carries no content for the denoiser, so it is dropped, as VAEEncode does.
+        samples = vae.encode(image[:, :, :, :3])
+    elif latent is not None:
+        samples = latent["samples"]
+    else:
+        raise LocoError("nothing to invert; connect a latent, or an image and a vae")
+
+    if not bool(samples.abs().sum() > 0):
+        raise LocoError("the latent to invert is all zeros; encode an image with VAEEncode first")
+    return samples
+
+
 class LOCOInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -161,19 +180,22 @@ class LOCOInvert(io.ComfyNode):
             "the exact reverse of the schedule the edit nodes decode with.",
             inputs=[
                 *_model_inputs(),
-                io.Latent.Input("latent", tooltip="Clean latent of the image to edit, e.g. from VAEEncode."),
                 io.Float.Input(
                     "edit_level", default=0.6, min=0.01, max=0.99, step=0.01,
                     tooltip="Noise level as a fraction of diffusion time, 0..1 (1 is pure noise). LOCO edits work best at 0.5 to 0.7.",
                 ),
                 io.Int.Input("steps", default=40, min=1, max=1000, tooltip="ODE steps from the clean image to the edit level."),
                 _cfg_input(),
+                io.Latent.Input("latent", optional=True, tooltip="Clean latent of the image to edit, e.g. from VAEEncode. Give this or image and vae."),
+                io.Image.Input("image", optional=True, tooltip="Image to edit, encoded with vae; an alpha channel is dropped."),
+                io.Vae.Input("vae", optional=True, tooltip="VAE that encodes image."),
             ],
             outputs=[Inversion.Output(display_name="inversion", tooltip="Latents at the edit level with their sigma schedule.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, edit_level, steps, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, edit_level, steps, cfg, latent=None, image=None, vae=None) -> io.NodeOutput:
+        samples = _clean_latent(latent, image, vae)
         if cfg > HIGH_INVERSION_CFG:
             logger.warning("inverting at cfg %.3g; above %.3g the inversion drifts, and cfg 1 is the usual choice", cfg, HIGH_INVERSION_CFG)
 
@@ -184,9 +206,6 @@ class LOCOInvert(io.ComfyNode):
         def task(space):
             return invert(space.denoise, space.latent.float(), grid, on_step=progress.step)
 
-        samples = latent["samples"]
-        if not bool(samples.abs().sum() > 0):
-            raise LocoError("the latent to invert is all zeros; encode an image with VAEEncode first")
         inverted = run_with_denoiser(model, positive, negative, cfg, samples, grid.flip(0), task)
         return io.NodeOutput(InvertedLatent(_to_output(inverted), grid, float(edit_level), model_fingerprint(model)))
 
@@ -321,15 +340,17 @@ class LOCOSweep(io.ComfyNode):
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the inverted batch to sweep."),
                 _cfg_input(),
                 _weights_input(),
+                io.Vae.Input("vae", optional=True, tooltip="When connected, the sweep is also decoded into one image grid."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="One latent per strength, from -max_strength to +max_strength."),
                 io.String.Output(display_name="strengths", tooltip="The strengths used, in batch order, as JSON."),
+                io.Image.Output(display_name="grid", tooltip="The decoded sweep side by side, left to right; empty (1x1 black) without a vae."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, inversion, directions, direction_index, max_strength, count, batch_index, cfg, direction_weights="") -> io.NodeOutput:
+    def execute(cls, model, positive, negative, inversion, directions, direction_index, max_strength, count, batch_index, cfg, direction_weights="", vae=None) -> io.NodeOutput:
         _check_shapes(directions, inversion)
         _check_model("the directions", directions.model_fingerprint, model)
         vector = _edit_vector(directions, direction_index, direction_weights or "")
@@ -344,7 +365,12 @@ class LOCOSweep(io.ComfyNode):
 
         decoded = run_with_denoiser(model, positive, negative, cfg, _empty_latent(inversion, count), inversion.grid.flip(0), task)
         latent = {"samples": _to_output(model_space_to_latent(model, decoded))}
-        return io.NodeOutput(latent, json.dumps([round(float(s), 6) for s in strengths]))
+        grid = torch.zeros(1, 1, 1, 3)
+        if vae is not None:
+            images = vae.decode(latent["samples"])
+            images = images.reshape(-1, *images.shape[-3:])
+            grid = torch.cat(list(images), dim=1)[None]
+        return io.NodeOutput(latent, json.dumps([round(float(s), 6) for s in strengths]), _to_output(grid))
 
 
 class LOCOTransferDirections(io.ComfyNode):

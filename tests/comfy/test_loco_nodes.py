@@ -115,13 +115,14 @@ def test_edit_changes_inside_mask_more_than_outside(edit_run):
 
 def test_zero_strength_is_the_plain_decode(edit_run):
     plain = edit_run.values("16")[0]["samples"]
-    sweep, strengths = edit_run.values("17")
+    sweep, strengths, grid = edit_run.values("17")
     assert strengths == "[-3.0, 0.0, 3.0]"
     # The sweep decodes three latents in one batch, which may change the
     # order of float operations against the single-latent decode.
     middle = sweep["samples"][1:2]
     assert float((middle - plain).abs().max() / plain.abs().max()) < 1e-5
     assert not torch.equal(sweep["samples"][0:1], sweep["samples"][2:3])
+    assert grid.shape == (1, 1, 1, 3)
 
 
 def test_user_model_unchanged_by_jacobian_passes(comfy, edit_run):
@@ -235,3 +236,46 @@ def test_mask_policy_accepts_every_rank(comfy):
         masks.mask_to_latent(torch.zeros(3, 64, 64), (2, 4, 8, 8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         masks.mask_to_latent(square * 2, (1, 4, 8, 8))
+
+
+def test_invert_needs_exactly_one_source(comfy):
+    from harness.inprocess import PromptExecutionError
+
+    prompt, _ = model_nodes()
+    del prompt["10"]["inputs"]["latent"]
+    with pytest.raises(PromptExecutionError, match="nothing to invert"):
+        comfy.run(prompt, targets=["10"])
+
+
+def test_edit_digit_image_on_embedded_model(comfy):
+    # A real image through the pixel-space VAE: LoadImage -> LOCO Invert
+    # (image + vae) -> directions in the upper half -> sweep decoded to a grid.
+    import shutil
+
+    from harness.locate import PACK_ROOT
+
+    shutil.copy(PACK_ROOT / "assets" / "samples" / "digit_3.png", comfy.input_dir / "loco_digit_3.png")
+    prompt = {
+        "1": {"class_type": "LOCOLoadDiffusionModel", "inputs": {"model_name": "pack/loco_digits_a.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "loco_digit_3.png"}},
+        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
+        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 16}},
+        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 0, "y": 0, "operation": "add"}},
+    }
+    shared = {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "cfg": 1.0}
+    prompt["7"] = {"class_type": "LOCOInvert", "inputs": {**shared, "image": ["3", 0], "vae": ["2", 0], "edit_level": 0.6, "steps": 20}}
+    prompt["8"] = {"class_type": "LOCOFindDirections", "inputs": {
+        **shared, "inversion": ["7", 0], "mask": ["6", 0], "rank": 3, "null_rank": 3, "max_rounds": 8,
+        "tolerance": 0.01, "seed": 0, "batch_index": 0, "jvp_strategy": "auto"}}
+    prompt["9"] = {"class_type": "LOCOSweep", "inputs": {
+        **shared, "inversion": ["7", 0], "directions": ["8", 0], "direction_index": 0, "max_strength": 8.0,
+        "count": 3, "batch_index": 0, "vae": ["2", 0]}}
+
+    result = comfy.run(prompt, targets=["9"])
+    latent, _, grid = result.values("9")
+
+    assert grid.shape == (1, 32, 96, 3)
+    assert torch.isfinite(grid).all()
+    change = (latent["samples"][2] - latent["samples"][0]).pow(2).sum(dim=0)
+    assert float(change[:16].mean()) > 5 * float(change[16:].mean())
