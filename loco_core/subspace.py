@@ -37,7 +37,9 @@ class ConvergenceRecord:
     """How a subspace iteration ended.
 
     angle_changes[i] is the sine of the largest principal angle between the
-    Ritz subspaces of rounds i + 1 and i + 2.
+    Ritz subspaces of rounds i + 1 and i + 2. ``converged`` means the last
+    change fell below the tolerance; when the singular values around the
+    rank are nearly equal, the error to the true subspace can be larger.
     """
 
     rounds: int = 0
@@ -163,9 +165,13 @@ def masked_subspace(
 
 
 def principal_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
-    """Sine of the largest principal angle between the column spans of two orthonormal [n, r] matrices."""
-    first = first.reshape(first.shape[0], -1) if first.ndim > 2 else first
-    second = second.reshape(second.shape[0], -1) if second.ndim > 2 else second
+    """Sine of the largest principal angle between two orthonormal sets.
+
+    Each set is an [n, r] matrix with the vectors as columns, or a block of
+    r image-shaped vectors [r, *shape].
+    """
+    first = first.reshape(first.shape[0], -1).T if first.ndim > 2 else first
+    second = second.reshape(second.shape[0], -1).T if second.ndim > 2 else second
     residual = second - first @ (first.T @ second)
     return float(torch.linalg.matrix_norm(residual, ord=2).clamp(max=1.0))
 

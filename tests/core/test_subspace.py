@@ -94,6 +94,15 @@ def test_principal_angle_ignores_signs_and_order():
     assert principal_angle_sine(basis, other) > 0.5
 
 
+def test_principal_angle_accepts_image_blocks():
+    basis, _ = torch.linalg.qr(torch.randn(48, 3, dtype=torch.float64))
+    other, _ = torch.linalg.qr(torch.randn(48, 3, dtype=torch.float64))
+    as_images = basis.T.reshape(3, 3, 4, 4)
+
+    assert principal_angle_sine(as_images, other.T.reshape(3, 3, 4, 4)) == pytest.approx(principal_angle_sine(basis, other))
+    assert principal_angle_sine(as_images, basis) < 1e-12
+
+
 def test_canonical_signs_make_largest_entry_positive():
     vectors = torch.tensor([[0.1, -0.9, 0.2], [0.5, 0.1, -0.3]])
     fixed = canonical_signs(vectors)
