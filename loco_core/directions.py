@@ -152,11 +152,11 @@ def find_directions(
         "max_rounds": max_rounds,
         "tolerance": tolerance,
         "seed": seed,
-        "jvp_strategy": products.jvp_strategy,
         "edit_subspace": edit.record.as_dict(),
     }
 
     if null_rank == 0:
+        parameters["strategies"] = products.strategies
         return DirectionSet(
             vectors=edit.vectors,
             singular_values=edit.singular_values,
@@ -171,6 +171,7 @@ def find_directions(
     local = project_out(edit.vectors, null.vectors)
 
     both = leakage(products, torch.cat([edit.vectors, local]), weights)
+    parameters["strategies"] = products.strategies
     return DirectionSet(
         vectors=local,
         singular_values=edit.singular_values,

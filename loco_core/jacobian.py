@@ -11,10 +11,15 @@ JVP strategies, tried in this order by "auto":
   double_vjp         J v as the VJP of u -> J^T u; needs reverse mode.
   finite_difference  (D(x + h v) - D(x - h v)) / 2h in at least float32,
                      with h = 1e-3 * |x| / |v|.
-VJP strategy: reverse (torch.autograd). Reverse mode saves the weights for the
-backward pass, and PyTorch cannot save inference tensors. A caller whose
-weights are inference tensors must make them saveable first, for example with
-``saveable_weights(module)`` below, or by cloning them outside inference mode.
+VJP strategies: reverse (torch.autograd) and symmetric (J u in place of
+J^T u, exact for the true posterior mean, whose Jacobian is symmetric).
+"auto" uses reverse and falls back to symmetric with a logged warning.
+Reverse mode saves the weights for the backward pass, and PyTorch cannot save
+inference tensors. A caller whose weights are inference tensors must make
+them saveable first, for example with ``saveable_weights(module)`` below, or
+by cloning them outside inference mode. In-place edits of activations by
+model patches (ComfyUI's ControlNet adds its residuals with +=) also break
+reverse mode but not forward mode.
 
 A zero or non-finite product raises JacobianError: the published LOCO code
 calls torch.autograd.functional.jacobian, which returns zeros without an error
@@ -88,6 +93,7 @@ class JacobianProducts:
         self.vjp_strategy = vjp_strategy
         self.counter = ProductCounter()
         self._resolved_jvp: str | None = None if jvp_strategy == "auto" else jvp_strategy
+        self._resolved_vjp: str | None = None if vjp_strategy == "auto" else vjp_strategy
         self._value: torch.Tensor | None = None
 
     @property
@@ -149,22 +155,32 @@ class JacobianProducts:
         """
         self._check_block("vjp", cotangents)
 
-        if self.vjp_strategy == "symmetric":
+        if self._resolved_vjp == "symmetric":
             return self.jvp(cotangents)
 
         try:
             result = self._vjp_reverse(cotangents)
         except RuntimeError as error:
-            # NOTE: besides inference-tensor weights, in-place additions in model
-            # patches (ComfyUI's ControlNet adds its residuals with +=) also
-            # break reverse mode; no test covers a ControlNet here yet.
+            if self._resolved_vjp is None:
+                logger.warning(
+                    "reverse-mode VJP failed (%s); using the symmetric approximation J^T u = J u from now on", error
+                )
+                self._resolved_vjp = "symmetric"
+                return self.jvp(cotangents)
+            # NOTE: no test runs a ControlNet-patched model through this path yet.
             raise JacobianError(
                 f"reverse-mode VJP failed: {error}. Reverse mode needs weights that autograd can save "
                 "(wrap the call in loco_core.jacobian.saveable_weights(module)) and no in-place edits of "
-                "activations by model patches; vjp_strategy='symmetric' avoids reverse mode"
+                "activations by model patches; vjp_strategy='symmetric' or 'auto' avoids reverse mode"
             ) from error
         _check_product("VJP (reverse)", result)
+        self._resolved_vjp = "reverse"
         return result
+
+    @property
+    def strategies(self) -> dict[str, str | None]:
+        """The JVP and VJP strategies in use (None until the first product resolves "auto")."""
+        return {"jvp": self._resolved_jvp, "vjp": self._resolved_vjp}
 
     def _check_block(self, name: str, block: torch.Tensor) -> None:
         if tuple(block.shape[1:]) != self.shape:

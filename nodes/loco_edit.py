@@ -33,7 +33,7 @@ from ..loco_core import (
     text_change,
     transfer,
 )
-from ..loco_core.jacobian import JVP_STRATEGIES
+from ..loco_core.jacobian import JVP_STRATEGIES, VJP_STRATEGIES
 from .loco_adapter import model_fingerprint, model_space_to_latent, run_with_denoiser
 from .loco_masks import mask_to_latent
 from .loco_preview import directions_preview
@@ -235,6 +235,11 @@ class LOCOFindDirections(io.ComfyNode):
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the inverted batch to analyse."),
                 io.Combo.Input("jvp_strategy", options=list(JVP_STRATEGIES), default="auto", tooltip="How Jacobian-vector products are computed; auto falls back in order and logs why."),
                 _cfg_input(),
+                io.Combo.Input(
+                    "vjp_strategy", options=list(VJP_STRATEGIES), default="auto", optional=True,
+                    tooltip="How vector-Jacobian products are computed: reverse mode, or symmetric (J in place of J^T, "
+                    "exact for an ideal denoiser). auto uses reverse and falls back to symmetric with a warning.",
+                ),
             ],
             outputs=[
                 Directions.Output(display_name="directions", tooltip="The edit directions with their singular values and leakage."),
@@ -244,7 +249,7 @@ class LOCOFindDirections(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, inversion, mask, rank, null_rank, max_rounds, tolerance, seed, batch_index, jvp_strategy, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, inversion, mask, rank, null_rank, max_rounds, tolerance, seed, batch_index, jvp_strategy, cfg, vjp_strategy="auto") -> io.NodeOutput:
         _check_model("the inversion", inversion.model_fingerprint, model)
         x = inversion.image(batch_index)
         weights = mask_to_latent(mask, inversion.shape, batch_index)
@@ -253,7 +258,10 @@ class LOCOFindDirections(io.ComfyNode):
 
         def task(space):
             device = space.latent.device
-            products = JacobianProducts(space.differentiable_denoise, x.to(device).float(), inversion.sigma, jvp_strategy=jvp_strategy)
+            products = JacobianProducts(
+                space.differentiable_denoise, x.to(device).float(), inversion.sigma,
+                jvp_strategy=jvp_strategy, vjp_strategy=vjp_strategy,
+            )
             return find_directions(
                 products, weights.to(device), rank, null_rank,
                 max_rounds=max_rounds, tolerance=tolerance, seed=seed,

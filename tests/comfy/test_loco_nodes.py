@@ -5,6 +5,7 @@ mode) -> KSampler makes a 64x64 image latent (8x8x4) -> LOCO Invert -> Find
 Directions inside a 32x32 pixel square -> Apply, Sweep, Transfer, Compose.
 """
 
+import json
 import sys
 
 import pytest
@@ -91,6 +92,16 @@ def test_directions_are_finite_orthonormal(edit_run):
     assert preview.shape[0] == 1
     assert preview.shape[-1] == 3
     assert '"leakage_after"' in report
+    # Forward mode and reverse mode both work through ComfyUI's UNet, with no fallback.
+    assert directions.parameters["strategies"] == {"jvp": "forward", "vjp": "reverse"}
+
+
+def test_symmetric_vjp_option(comfy):
+    prompt, _ = model_nodes()
+    prompt["14"]["inputs"]["vjp_strategy"] = "symmetric"
+    directions, _, report = comfy.run(prompt, targets=["14"]).values("14")
+    assert json.loads(report)["parameters"]["strategies"]["vjp"] == "symmetric"
+    assert torch.isfinite(directions.vectors).all()
 
 
 def test_directions_repeat_for_a_seed(comfy, edit_run):

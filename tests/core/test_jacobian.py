@@ -81,9 +81,21 @@ def test_products_inside_inference_mode(vectors):
 def test_reverse_mode_on_inference_weights_raises(vectors):
     with torch.inference_mode():
         model = build_denoiser(0)
-        products = JacobianProducts(model, torch.randn(1, *SHAPE), SIGMA)
+        products = JacobianProducts(model, torch.randn(1, *SHAPE), SIGMA, vjp_strategy="reverse")
         with pytest.raises(JacobianError, match="saveable_weights"):
             products.vjp(vectors)
+
+
+def test_auto_vjp_falls_back_to_symmetric(vectors, caplog):
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="loco_core.jacobian"):
+        model = build_denoiser(0)
+        products = JacobianProducts(model, torch.randn(1, *SHAPE), SIGMA)
+        result = products.vjp(vectors)
+        expected = products.jvp(vectors)
+
+    assert torch.equal(result, expected)
+    assert products.strategies == {"jvp": "forward", "vjp": "symmetric"}
+    assert "symmetric approximation" in caplog.text
 
 
 def test_auto_falls_back_from_fused_attention(vectors, caplog):
