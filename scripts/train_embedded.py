@@ -54,9 +54,13 @@ logger = logging.getLogger("train_embedded")
 FORMAT_NAME = "loco-pixel-diffusion"
 FORMAT_VERSION = "1"
 
-# DDPM's linear beta schedule (1e-4 to 0.02 over 1,000 steps). ComfyUI names
-# it "sqrt_linear" because its "linear" squares a linear ramp of sqrt(beta).
-SAMPLING_SETTINGS = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
+# The latent-diffusion schedule that ComfyUI uses by default: betas on a
+# squared linear ramp of sqrt(beta) from 0.00085 to 0.012 over 1,000 steps,
+# so sigma_max is about 14.6. DDPM's schedule (betas 1e-4 to 0.02) has
+# sigma_max about 157, and a deterministic sampler starting there multiplies
+# small epsilon errors of a briefly trained model by 157, which saturated
+# every sample in trial runs.
+SAMPLING_SETTINGS = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
 
 
 def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
@@ -111,11 +115,11 @@ ARCH_PLAIN = unet_config(32, (1, 2, 2, 2), 1, attention_levels=set(), middle_att
 
 DIFFUSION_SPECS = {
     "a": DiffusionSpec("loco_digits_a", "UNet with attention at 8x8, all 4,500 training digits",
-                       ARCH_ATTENTION, "train", steps=800, batch_size=32, learning_rate=2e-3, seed=1),
+                       ARCH_ATTENTION, "train", steps=420, batch_size=32, learning_rate=2e-3, seed=1),
     "b": DiffusionSpec("loco_digits_b", "four-level UNet without attention, other seed, all 4,500 training digits",
-                       ARCH_PLAIN, "train", steps=700, batch_size=32, learning_rate=2e-3, seed=2),
+                       ARCH_PLAIN, "train", steps=220, batch_size=32, learning_rate=2e-3, seed=2),
     "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
-                       ARCH_ATTENTION, "memorize", steps=450, batch_size=32, learning_rate=2e-3, seed=3),
+                       ARCH_ATTENTION, "memorize", steps=350, batch_size=32, learning_rate=2e-3, seed=3),
 }
 
 CNN_EPOCHS = 10
@@ -295,7 +299,7 @@ def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch
         noise = torch.randn(x0.shape, generator=generator).to(device)
         sigma = sigmas_device[timestep].view(-1, 1, 1, 1)
 
-        # The epsilon objective in ComfyUI's EPS parameterisation: the UNet sees
+        # The epsilon objective in ComfyUI's EPS parameterisation: the UNet gets
         # (x0 + sigma * noise) / sqrt(sigma^2 + 1) and the integer timestep.
         model_input = (x0 + sigma * noise) * (sigma ** 2 + 1.0).rsqrt()
         loss = torch.nn.functional.mse_loss(model(model_input, timestep.float()), noise)

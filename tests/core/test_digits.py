@@ -121,7 +121,9 @@ def test_shipped_diffusion_file_metadata(name):
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["format"] == "loco-pixel-diffusion"
-    assert json.loads(metadata["sampling_settings"])["beta_schedule"] == "sqrt_linear"
+    assert json.loads(metadata["sampling_settings"]) == {
+        "beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000,
+    }
     unet_config = json.loads(metadata["unet_config"])
     assert unet_config["in_channels"] == 3
     assert unet_config["out_channels"] == 3

