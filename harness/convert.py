@@ -124,6 +124,15 @@ class InputSpec:
         return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
 
     @property
+    def default_value(self) -> Any:
+        """The value a new widget starts with: the schema default, else the type's zero or first choice."""
+        if "default" in self.options:
+            return self.options["default"]
+        if self.type == "COMBO":
+            return self.combo_values[0] if self.combo_values else ""
+        return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}.get(self.type)
+
+    @property
     def extra_widget_values(self) -> int:
         """Number of frontend-only values stored after this widget's value."""
         if not self.is_widget:
@@ -336,6 +345,8 @@ def widget_values_by_name(node: Mapping, schema: NodeSchema, workflow_name: str 
 
     Values past the last widget (an upload button's value) are ignored. A
     dict ``widgets_values`` (saved by some frontends) is read by name.
+    Widgets without a stored value (an input added to the node after the
+    file was saved) are left out; ``ui_to_api`` gives them their defaults.
     """
     values = node.get("widgets_values")
     if values is None:
@@ -378,7 +389,14 @@ def ui_to_api(workflow: Mapping, object_info: Mapping, name: str = "workflow") -
                 "install the node pack that defines it"
             )
 
-        inputs = {key: _api_value(value) for key, value in widget_values_by_name(node, schema, name).items()}
+        stored = widget_values_by_name(node, schema, name)
+        # The frontend creates every widget with its default and then applies
+        # the stored values, so a widget missing from the file keeps its default.
+        inputs = {
+            spec.name: _api_value(stored[spec.name] if spec.name in stored else spec.default_value)
+            for spec in schema.inputs
+            if spec.name in schema.widget_slots
+        }
         for slot, socket in enumerate(node.get("inputs") or []):
             resolved = graph.resolve_input(node, slot, None, set())
             if resolved is None:
@@ -430,14 +448,16 @@ def _check_value(spec: InputSpec, value: Any) -> str | None:
 
 
 def validate_workflow(workflow: Mapping, object_info: Mapping, name: str = "workflow",
-                      ignore_combo_inputs: Iterable[tuple[str, str]] = ()) -> list[str]:
+                      ignore_combo_inputs: Iterable[tuple[str, str]] = (),
+                      require_all_values: bool = True) -> list[str]:
     """Check a UI workflow against node schemas; return one message per problem.
 
     Checks that every node type exists (frontend-only types excepted), that
     every widget value is valid (combo choices, numeric min/max, value types)
-    and that widget values are not missing. ``ignore_combo_inputs`` lists
-    (node type, input) pairs whose combo choices depend on local files (a
-    checkpoint list) and are checked for type only.
+    and, with ``require_all_values``, that no widget value is missing (a file
+    saved before the node gained an input; the editor fills in defaults).
+    ``ignore_combo_inputs`` lists (node type, input) pairs whose combo choices
+    depend on local files (a checkpoint list) and are checked for type only.
     """
     errors: list[str] = []
     try:
@@ -460,7 +480,7 @@ def validate_workflow(workflow: Mapping, object_info: Mapping, name: str = "work
         linked = {socket["name"] for socket in node.get("inputs") or [] if socket.get("link") is not None}
         for input_name in schema.widget_slots:
             if input_name not in values:
-                if input_name not in linked:
+                if require_all_values and input_name not in linked:
                     errors.append(f"{name}: node {node_id} ({node_type}): input {input_name!r} has no widget value")
                 continue
             spec = schema.input(input_name)

@@ -81,7 +81,10 @@ def to_prompt(workflow: dict, object_info: dict, name: str) -> dict:
     """Validate a workflow (UI or API format) and return its API prompt."""
     if "nodes" not in workflow:
         return workflow  # already API format; the executor validates it
-    errors = validate_workflow(workflow, object_info, name, ignore_combo_inputs=USER_FILE_INPUTS)
+    # Missing widget values are allowed here, as in the editor: a file saved
+    # before a node gained an input runs with that input's default.
+    errors = validate_workflow(workflow, object_info, name, ignore_combo_inputs=USER_FILE_INPUTS,
+                               require_all_values=False)
     if errors:
         raise WorkflowRunError("workflow is invalid:\n  " + "\n  ".join(errors))
     try:

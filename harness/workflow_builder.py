@@ -43,14 +43,6 @@ class NodeRef:
         raise KeyError(f"node {self.id} ({self.type}) has no output {output!r}; outputs: {names}")
 
 
-def _default_value(spec) -> Any:
-    if "default" in spec.options:
-        return spec.options["default"]
-    if spec.type == "COMBO":
-        return spec.combo_values[0] if spec.combo_values else ""
-    return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}.get(spec.type)
-
-
 class WorkflowBuilder:
     """Collects nodes and links, lays them out in columns and returns the UI JSON."""
 
@@ -78,7 +70,7 @@ class WorkflowBuilder:
         inputs: list[dict] = []
         for spec in schema.inputs:
             if spec.is_widget:
-                values.append(widgets.get(spec.name, _default_value(spec)))
+                values.append(widgets.get(spec.name, spec.default_value))
                 values.extend(["fixed", ""][: spec.extra_widget_values])
                 inputs.append({"name": spec.name, "type": spec.type, "widget": {"name": spec.name}, "link": None})
             else:

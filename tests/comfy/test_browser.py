@@ -62,6 +62,23 @@ LOAD_AND_CONVERT = """async (workflow) => {
     };
 }"""
 
+# Scale and move the canvas so every node is in the screenshot
+# (LiteGraph draws a point at (position + offset) * scale).
+FIT_VIEW = """async () => {
+    const nodes = app.graph.nodes;
+    const left = Math.min(...nodes.map((node) => node.pos[0]));
+    const top = Math.min(...nodes.map((node) => node.pos[1] - 30));
+    const right = Math.max(...nodes.map((node) => node.pos[0] + node.size[0]));
+    const bottom = Math.max(...nodes.map((node) => node.pos[1] + node.size[1]));
+    const canvas = app.canvas.canvas;
+    const margin = 40;
+    const scale = Math.min(1, (canvas.width - 2 * margin) / (right - left), (canvas.height - 2 * margin) / (bottom - top));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [margin / scale - left, margin / scale - top];
+    app.canvas.setDirty(true, true);
+    await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+}"""
+
 REGISTER_MISSING_HOOK = """() => {
     app.registerExtension({
         name: "ComfyUI-LOCO.tests.missingNodes",
@@ -78,8 +95,10 @@ def server():
     comfy_server = ComfyServer(COMFY_ROOT, base_dir).start()
     copy_samples(comfy_server.input_dir)
     try:
-        # The tutorial dialog and the minimap would cover the canvas in the screenshots.
-        comfy_server.post_json("/api/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+        # The tutorial dialog and the minimap would cover the canvas in the
+        # screenshots; MinFontSizeForLOD 0 keeps text drawn when zoomed out.
+        comfy_server.post_json("/api/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                                                 "LiteGraph.Canvas.MinFontSizeForLOD": 0})
         yield comfy_server
     finally:
         comfy_server.stop()
@@ -97,7 +116,7 @@ def page(server):
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        browser_page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        browser_page = browser.new_page(viewport={"width": 1920, "height": 1080})
         browser_page.route("**/*", allow_loopback_only)
         browser_page.goto(server.url)
         browser_page.wait_for_function(
@@ -203,6 +222,7 @@ def test_workflow_in_frontend(page, object_info, path):
     workflow = json.loads(path.read_text())
 
     result = load_in_frontend(page, workflow)
+    page.evaluate(FIT_VIEW)
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT_DIR / f"{path.stem}.png"))
 

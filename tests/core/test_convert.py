@@ -260,6 +260,18 @@ def test_optional_widgets_follow_required():
                                      "case_insensitive": False, "multiline": True, "dotall": False, "count": 2}
 
 
+def test_missing_widget_values_get_defaults():
+    graph = Graph()
+    graph.node(1, "EmptyLatentImage", [64], outputs=("LATENT",))
+    graph.node(2, "RegexReplace", ["abc", "b", "x"], outputs=("STRING",))
+
+    prompt = ui_to_api(graph.workflow(), SCHEMAS)
+
+    assert prompt["1"]["inputs"] == {"width": 64, "height": 512, "batch_size": 1}
+    assert prompt["2"]["inputs"]["case_insensitive"] is True
+    assert prompt["2"]["inputs"]["count"] == 0
+
+
 def test_list_values_are_wrapped():
     graph = Graph()
     graph.node(1, "CLIPTextEncode", [["a", "b"]], inputs=[("clip", "CLIP")], outputs=("CONDITIONING",))
@@ -331,6 +343,16 @@ def test_validation_reports_missing_link_and_values():
 
     assert "gaps.json: node 4 (EmptyLatentImage): input 'height' has no widget value" in errors
     assert "gaps.json: node 6 (VAEDecode): required input 'vae' is not connected" in errors
+
+
+def test_validation_can_allow_missing_values():
+    graph = ksampler_graph()
+    graph.nodes[3]["widgets_values"] = [64]
+
+    errors = validate_workflow(graph.workflow(), SCHEMAS, "old.json", require_all_values=False,
+                               ignore_combo_inputs=[("CheckpointLoaderSimple", "ckpt_name")])
+
+    assert errors == []
 
 
 def test_validation_checks_combo_against_schema():
