@@ -7,12 +7,13 @@ with ``LOCOTest``.
 
 from comfy_api.latest import ComfyExtension, io
 
-from .tiny_sd15 import NODES
+from .full_sd15 import NODES as FULL_SD15_NODES
+from .tiny_sd15 import NODES as TINY_SD15_NODES
 
 
 class LocoTestingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return [*TINY_SD15_NODES, *FULL_SD15_NODES]
 
 
 async def comfy_entrypoint() -> LocoTestingExtension:

@@ -61,18 +61,17 @@ def seeded_state_dict(template: dict[str, torch.Tensor], seed: int) -> dict[str,
     and biases small.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    state_dict = {}
-    for key in sorted(template):
-        shape = template[key].shape
-        if key.endswith("weight") and len(shape) >= 2:
-            fan_in = math.prod(shape[1:])
-            value = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
-        elif key.endswith("weight"):
-            value = torch.ones(shape)
-        else:
-            value = 0.01 * torch.randn(shape, generator=generator)
-        state_dict[key] = value
-    return state_dict
+    return {key: seeded_value(key, template[key].shape, generator) for key in sorted(template)}
+
+
+def seeded_value(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Draw the value of one state-dict tensor; keys must be visited in sorted order for a seed to repeat."""
+    if key.endswith("weight") and len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+    if key.endswith("weight"):
+        return torch.ones(shape)
+    return 0.01 * torch.randn(shape, generator=generator)
 
 
 def build_tiny_sd15(seed: int, model_channels: int = 32) -> comfy.model_patcher.ModelPatcher:
@@ -107,10 +106,10 @@ def build_tiny_sd15(seed: int, model_channels: int = 32) -> comfy.model_patcher.
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def seeded_conditioning(seed: int, tokens: int) -> list:
+def seeded_conditioning(seed: int, tokens: int, context_dim: int = TINY_CONTEXT_DIM) -> list:
     """Return CONDITIONING in ComfyUI's format: ``[[cond [1, tokens, context_dim], {}]]``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    cond = torch.randn((1, tokens, TINY_CONTEXT_DIM), generator=generator)
+    cond = torch.randn((1, tokens, context_dim), generator=generator)
     return [[cond, {}]]
 
 
@@ -149,20 +148,23 @@ class LOCOTestConditioning(io.ComfyNode):
             category="loco/testing",
             description=(
                 "Test only: CONDITIONING with a seeded random context of shape "
-                f"[1, tokens, {TINY_CONTEXT_DIM}] for LOCOTestTinySD15."
+                f"[1, tokens, context_dim] (default {TINY_CONTEXT_DIM}, for LOCOTestTinySD15)."
             ),
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
                              tooltip="Seed of the random context tensor."),
                 io.Int.Input("tokens", default=4, min=1, max=77,
                              tooltip="Number of context tokens, 1..77 (the CLIP length of SD1.5)."),
+                io.Int.Input("context_dim", default=TINY_CONTEXT_DIM, min=1, max=4096, optional=True,
+                             tooltip=f"Width of each context token: {TINY_CONTEXT_DIM} for LOCOTestTinySD15, "
+                             "768 for the full SD1.5 UNet (LOCOTestSD15Full)."),
             ],
-            outputs=[io.Conditioning.Output(tooltip="[[context [1, tokens, 64], {}]], ComfyUI's format.")],
+            outputs=[io.Conditioning.Output(tooltip="[[context [1, tokens, context_dim], {}]], ComfyUI's format.")],
         )
 
     @classmethod
-    def execute(cls, seed: int, tokens: int) -> io.NodeOutput:
-        return io.NodeOutput(seeded_conditioning(seed, tokens))
+    def execute(cls, seed: int, tokens: int, context_dim: int = TINY_CONTEXT_DIM) -> io.NodeOutput:
+        return io.NodeOutput(seeded_conditioning(seed, tokens, context_dim))
 
 
 NODES = [LOCOTestTinySD15, LOCOTestConditioning]
