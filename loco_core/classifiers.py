@@ -97,9 +97,9 @@ def architectures() -> dict[str, Architecture]:
 class ImageClassifier(nn.Module):
     """Wrap a network so it takes ``[B, 3, H, W]`` images in 0..1 and returns logits.
 
-    Normalisation ``(x - mean) / std`` happens inside; when ``input_size`` is
-    set, images of another size are resized bilinearly first (part of the
-    differentiable model, so attacks keep working in the image's own pixels).
+    Normalisation ``(x - mean) / std`` happens inside. When ``input_size`` is
+    set, images of another size are first resized bilinearly inside the
+    differentiable model, so attacks still work in the image's own pixels.
     """
 
     def __init__(

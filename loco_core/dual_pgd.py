@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 NORMS = ("linf", "l2")
 
-# Default step size as a multiple of budget / steps (Madry et al., 2018, use
-# 2.5 so that a PGD run can cross its whole ball and back).
+# Default step size as a multiple of budget / steps. With 2.5 the steps of
+# one run add up to 2.5 budgets, so a run can cross its ball and come back.
 STEP_SIZE_FACTOR = 2.5
 
 _NORM_EPS = 1e-12
@@ -285,7 +285,13 @@ def _run_restart(
     region_fg = foreground.unsqueeze(1)
     region_bg = 1.0 - region_fg
     step_fg, step_bg = config.step_sizes()
-    take_step = linf_step if config.norm == "linf" else l2_step
+
+    # With a 0/1 mask the two L-inf region steps add up to one signed step
+    # with a per-pixel step size, clipped to a per-pixel budget. This fused
+    # form gives the same numbers as linf_step on each region in fewer
+    # passes over the tensors. L2 needs per-region norms, so it keeps l2_step.
+    step_map = step_fg * region_fg + step_bg * region_bg
+    eps_map = config.eps_foreground * region_fg + config.eps_background * region_bg
 
     # The state is the clipped image itself, so the image is exactly inside
     # [0, 1] after every step; clipping only shrinks each region's delta.
@@ -304,9 +310,13 @@ def _run_restart(
         adversarial = adversarial.detach()
 
         delta = adversarial - images
-        delta_fg = take_step(delta, grad, step_fg, config.eps_foreground, region_fg)
-        delta_bg = take_step(delta, grad, step_bg, config.eps_background, region_bg)
-        adversarial = (images + delta_fg + delta_bg).clamp(0.0, 1.0)
+        if config.norm == "linf":
+            delta = torch.clamp(delta + step_map * torch.sign(grad), -eps_map, eps_map)
+        else:
+            delta = l2_step(delta, grad, step_fg, config.eps_foreground, region_fg) + l2_step(
+                delta, grad, step_bg, config.eps_background, region_bg
+            )
+        adversarial = (images + delta).clamp(0.0, 1.0)
         _report_step(callback, restart, step, config.steps, images, adversarial, region_fg, region_bg)
 
     return adversarial.detach()
@@ -395,7 +405,9 @@ def dual_pgd_attack(
 
 
 def _attack(classifier, images, foreground, config, labels, targets, callback) -> DualPGDResult:
-    images = images.detach().clone()
+    # Channels-last layout: the elementwise PGD steps keep it, and oneDNN
+    # convolutions on CPU run faster on it (measured in benchmarks/bench_pgd.py).
+    images = images.detach().clone(memory_format=torch.channels_last)
     foreground = binarize_mask(foreground.detach().clone()).to(images.device)
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
 
@@ -411,31 +423,39 @@ def _attack(classifier, images, foreground, config, labels, targets, callback) -
     classes = targets if config.targeted else labels
 
     best = images.clone()
+    best_scores = clean_scores.clone()
     best_success = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
     best_score = torch.full((images.shape[0],), -math.inf, device=images.device)
     for restart in range(config.restarts):
         adversarial = _run_restart(classifier, images, classes, foreground, config, restart, generator, callback)
-        success, score = _score(class_scores(classifier, adversarial), classes, config.targeted)
+        scores = class_scores(classifier, adversarial)
+        success, score = _score(scores, classes, config.targeted)
 
         # Keep a restart when it succeeds where the best did not, or scores
         # higher with equal success.
         better = (success & ~best_success) | ((success == best_success) & (score > best_score))
         best[better] = adversarial[better]
+        best_scores[better] = scores[better]
         best_success = torch.where(better, success, best_success)
         best_score = torch.where(better, score, best_score)
         logger.debug("restart %d: %d of %d images succeed", restart, int(best_success.sum()), len(best_success))
 
-    return _build_result(classifier, images, best, foreground, labels, targets, clean_prediction, clean_confidence, config)
+    return _build_result(
+        images, best, best_scores, foreground, labels, targets, clean_prediction, clean_confidence, config
+    )
 
 
-def _build_result(classifier, images, adversarial, foreground, labels, targets, clean_prediction, clean_confidence, config):
-    adversarial_scores = class_scores(classifier, adversarial)
+def _build_result(images, adversarial, adversarial_scores, foreground, labels, targets, clean_prediction,
+                  clean_confidence, config):
     adversarial_confidence, adversarial_prediction = adversarial_scores.max(dim=1)
     if config.targeted:
         success = adversarial_prediction == targets
     else:
         success = adversarial_prediction != labels
 
+    # Results go back in the default (contiguous) layout.
+    images = images.contiguous()
+    adversarial = adversarial.contiguous()
     region_fg = foreground.unsqueeze(1)
     delta = adversarial - images
     delta_fg = delta * region_fg

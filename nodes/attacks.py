@@ -1,7 +1,7 @@
 """Nodes for dual-perturbation attacks: salience masks, classifier loading, dual PGD, classification.
 
 Alpha policy: IMAGE values with 4 channels are handled as RGB plus alpha.
-Salience, classification and the attack use the RGB channels only; the
+Salience, classification and the attack use the RGB channels only. The
 alpha channel is copied unchanged to the adversarial image, and the
 perturbation preview has 3 channels.
 
@@ -37,10 +37,10 @@ Classifier = io.Custom("LOCO_CLASSIFIER")
 
 
 def _register_classifier_folder() -> None:
-    # ComfyUI 0.3.64 already defines models/classifiers (with an extension
-    # filter that lists only files without a suffix), so the nodes scan its
-    # paths themselves; older versions get the folder registered here.
-    # The extra_model_paths.yaml key "classifiers" adds more locations.
+    # ComfyUI 0.3.64 already defines models/classifiers, but its extension
+    # filter lists only files without a suffix, so the nodes scan its paths
+    # themselves. Versions without the folder get it registered here. The
+    # extra_model_paths.yaml key "classifiers" adds more locations.
     if CLASSIFIER_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(CLASSIFIER_FOLDER, os.path.join(folder_paths.models_dir, CLASSIFIER_FOLDER))
 
@@ -74,8 +74,8 @@ def join_image(rgb: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
 
 
 def _pack_classifier_files() -> list[str]:
-    # The pack's assets/models also holds diffusion models; only files named
-    # as classifiers are offered here.
+    # The pack's assets/models also contains diffusion models, so only files
+    # with "cnn" or "classifier" in the name are offered here.
     if not PACK_MODELS_DIR.is_dir():
         return []
     names = sorted(path.name for path in PACK_MODELS_DIR.glob("*.safetensors"))

@@ -1,12 +1,12 @@
 """Dual-perturbation adversarial training of the digit classifier, with a robustness table.
 
-Starts from a clean DigitCNN (the shipped assets/models/digit_cnn.safetensors,
-or one trained here when that file is missing), fine-tunes a copy on
-dual-perturbation PGD examples (Madry-style training: each batch is attacked
-with salience-mask foreground/background budgets and the model is trained on
-the adversarial images together with the clean ones), and measures the
-robust accuracy of both models on held-out digits for a grid of budgets.
-The table is written into docs/robustness.md between marker comments.
+The script starts from a clean DigitCNN: the shipped
+assets/models/digit_cnn.safetensors, or one trained here when that file is
+missing. It fine-tunes a copy by PGD adversarial training: each batch is
+attacked with salience-mask foreground/background budgets, and the model
+is trained on the adversarial images together with the clean ones. Then it measures the robust accuracy
+of both models on held-out digits for a grid of budgets and writes the
+table into docs/robustness.md between marker comments.
 
 Run (CPU, about 10 minutes with the defaults):
 
@@ -70,8 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-count", type=int, default=200, help="held-out digits in the evaluation (20 per class)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "out" / "digit_cnn_dual_adv.safetensors",
-                        help="where to save the fine-tuned weights")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="save the fine-tuned weights (safetensors) to this path; not saved without it")
     parser.add_argument("--docs", type=Path, default=DOCS_PAGE, help="page that receives the table")
     return parser.parse_args()
 
@@ -85,7 +85,7 @@ def foreground_masks(images: torch.Tensor) -> torch.Tensor:
 
 
 def evaluation_subset(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first count / 10 held-out digits of each class."""
+    """Return the first count / 10 held-out digits of each class and their labels."""
     images, labels = digits.load_digits("heldout")
     per_class = max(1, count // digits.NUM_CLASSES)
     keep = torch.cat([torch.nonzero(labels == label)[:per_class, 0] for label in range(digits.NUM_CLASSES)])
@@ -93,7 +93,10 @@ def evaluation_subset(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_epoch(model, optimizer, images, labels, masks, args, generator, attack: DualPGDConfig | None) -> float:
-    """One pass over the data; with ``attack`` each batch is trained on clean plus adversarial images."""
+    """Train one pass over the data and return the mean loss.
+
+    With ``attack``, each batch is trained on its clean images plus their dual PGD adversarial images.
+    """
     order = torch.randperm(len(labels), generator=generator)
     losses = []
     for batch in order.split(args.batch_size):
@@ -207,7 +210,7 @@ def write_section(page: Path, start: str, end: str, body: str, title: str) -> No
     page.write_text(text, encoding="utf-8")
 
 
-def save_weights(model: DigitCNN, path: Path, args, rows: dict) -> None:
+def save_weights(model: DigitCNN, path: Path, args) -> None:
     state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     metadata = {
         "digit_cnn_config": model.config.to_json(),
@@ -255,7 +258,8 @@ def main() -> None:
 
     rows["dual-adversarial fine-tuned"] = evaluate(robust, eval_images, eval_labels, eval_masks, args.eval_steps)
     logger.info("robust: %s", rows["dual-adversarial fine-tuned"])
-    save_weights(robust.eval(), args.output, args, rows)
+    if args.output is not None:
+        save_weights(robust.eval(), args.output, args)
 
     table = render_table(rows, args, base_source, time.time() - started)
     write_section(args.docs, TABLE_START, TABLE_END, table, "Dual-perturbation adversarial training")

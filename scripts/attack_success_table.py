@@ -38,13 +38,16 @@ TABLE_START = "<!-- success-table:start -->"
 TABLE_END = "<!-- success-table:end -->"
 
 EPS_FOREGROUND = 2 / 255
-EPS_BACKGROUNDS = (0.0, 0.1, 0.2, 0.3)
+EPS_BACKGROUNDS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
+# Salience weights (lambda) compared at one background budget.
+SALIENCE_WEIGHTS = (0.0, 1.0, 3.0, 10.0, 30.0)
+SALIENCE_EPS_BACKGROUND = 0.1
 STEPS = 20
 TOP_FRACTION = 0.3
 
 
 def heldout_digits(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` held-out digits of each class, ``[N, 3, 32, 32]`` and labels."""
+    """Return the first ``per_class`` held-out digits of each class, ``[N, 3, 32, 32]``, and their labels."""
     images, labels = digits.load_digits("heldout")
     keep = torch.cat([torch.nonzero(labels == label)[:per_class, 0] for label in range(digits.NUM_CLASSES)])
     return images[keep], labels[keep]
@@ -60,7 +63,8 @@ def write_multipage_tiff(images: torch.Tensor, path: Path) -> None:
 
 
 def attack_prompt(image_name: str, labels: list[int], eps_background: float, eps_foreground: float = EPS_FOREGROUND,
-                  steps: int = STEPS, classifier: str = CLASSIFIER_NAME, seed: int = 0) -> dict:
+                  steps: int = STEPS, classifier: str = CLASSIFIER_NAME, seed: int = 0,
+                  salience_weight: float = 0.0) -> dict:
     """API prompt: LoadImage -> LOCOSalienceMask -> LOCODualPGDAttack (node "4") with the classifier of node "1"."""
     return {
         "1": {"class_type": "LOCOLoadClassifier",
@@ -75,56 +79,84 @@ def attack_prompt(image_name: str, labels: list[int], eps_background: float, eps
                          "eps_foreground": eps_foreground, "eps_background": eps_background, "steps": steps,
                          "step_foreground": 0.0, "step_background": 0.0, "restarts": 1, "random_start": True,
                          "mode": "untargeted", "labels": ",".join(str(label) for label in labels), "target": "",
-                         "eot_draws": 1, "salience_weight": 0.0, "seed": seed, "perturbation_gain": 10.0}},
+                         "eot_draws": 1, "salience_weight": salience_weight, "seed": seed, "perturbation_gain": 10.0}},
+    }
+
+
+def write_heldout_input(session, per_class: int) -> tuple[str, list[int]]:
+    """Write the held-out digits into ComfyUI's input folder; return the file name and the labels."""
+    images, labels = heldout_digits(per_class)
+    image_name = f"loco_heldout_digits_{per_class}.tiff"
+    write_multipage_tiff(images, Path(session.input_dir) / image_name)
+    return image_name, labels.tolist()
+
+
+def run_attack(session, image_name: str, labels: list[int], eps_background: float, salience_weight: float = 0.0) -> dict:
+    """Run the attack node once; return one row of batch figures."""
+    prompt = attack_prompt(image_name, labels, eps_background, salience_weight=salience_weight)
+    report = json.loads(session.run(prompt, targets=["4"]).values("4")[2])
+    records = report["images"]
+    return {
+        "eps_foreground": EPS_FOREGROUND,
+        "eps_background": eps_background,
+        "salience_weight": salience_weight,
+        "images": len(records),
+        "clean_accuracy": report["summary"]["clean_accuracy"],
+        "success_rate": report["summary"]["success_rate"],
+        "mean_background_linf": report["summary"]["mean_background_linf"],
+        "background_salience_clean": float(np.mean([r["background_salience_share_clean"] for r in records])),
+        "background_salience_adversarial": float(np.mean([r["background_salience_share_adversarial"] for r in records])),
     }
 
 
 def run_sweep(session, per_class: int = 10, eps_backgrounds=EPS_BACKGROUNDS) -> list[dict]:
-    """Run the attack node once per background budget; return one row of figures per budget."""
-    images, labels = heldout_digits(per_class)
-    image_name = f"loco_heldout_digits_{per_class}.tiff"
-    write_multipage_tiff(images, Path(session.input_dir) / image_name)
-
+    """Run the attack node once per background budget (salience weight 0)."""
+    image_name, labels = write_heldout_input(session, per_class)
     rows = []
     for eps_background in eps_backgrounds:
-        result = session.run(attack_prompt(image_name, labels.tolist(), eps_background), targets=["4"])
-        report = json.loads(result.values("4")[2])
-        records = report["images"]
-        rows.append({
-            "eps_foreground": EPS_FOREGROUND,
-            "eps_background": eps_background,
-            "images": len(records),
-            "clean_accuracy": report["summary"]["clean_accuracy"],
-            "success_rate": report["summary"]["success_rate"],
-            "mean_background_linf": report["summary"]["mean_background_linf"],
-            "background_salience_clean": float(np.mean([r["background_salience_share_clean"] for r in records])),
-            "background_salience_adversarial": float(
-                np.mean([r["background_salience_share_adversarial"] for r in records])
-            ),
-        })
+        rows.append(run_attack(session, image_name, labels, eps_background))
         logger.info("eps_B %.3f: success %.3f", eps_background, rows[-1]["success_rate"])
     return rows
 
 
-def render_table(rows: list[dict], command: str, seconds: float) -> str:
+def run_salience_sweep(session, per_class: int = 10, weights=SALIENCE_WEIGHTS) -> list[dict]:
+    """Run the attack node once per salience weight at the background budget SALIENCE_EPS_BACKGROUND."""
+    image_name, labels = write_heldout_input(session, per_class)
+    rows = []
+    for weight in weights:
+        rows.append(run_attack(session, image_name, labels, SALIENCE_EPS_BACKGROUND, salience_weight=weight))
+        logger.info("lambda %.1f: success %.3f", weight, rows[-1]["success_rate"])
+    return rows
+
+
+def _table(rows: list[dict], first_column: str) -> list[str]:
     lines = [
-        "| eps_F | eps_B | digits | clean accuracy | attack success | mean background L-inf | "
-        "background salience share clean -> adversarial |",
-        "|---|---|---|---|---|---|---|",
+        f"| {first_column} | digits | clean accuracy | attack success | mean background L-inf | "
+        "background salience share, clean -> adversarial |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
+        key = f"{row['eps_background']:.2f}" if first_column == "eps_B" else f"{row['salience_weight']:g}"
         lines.append(
-            f"| {row['eps_foreground']:.4f} ({row['eps_foreground'] * 255:.0f}/255) | {row['eps_background']:.2f} | "
-            f"{row['images']} | {row['clean_accuracy']:.3f} | {row['success_rate']:.3f} | "
+            f"| {key} | {row['images']} | {row['clean_accuracy']:.3f} | {row['success_rate']:.3f} | "
             f"{row['mean_background_linf']:.3f} | {row['background_salience_clean']:.3f} -> "
             f"{row['background_salience_adversarial']:.3f} |"
         )
+    return lines
+
+
+def render_tables(budget_rows: list[dict], weight_rows: list[dict], command: str, seconds: float) -> str:
+    lines = [f"Foreground budget eps_F = {EPS_FOREGROUND:.4f} (2/255) throughout, salience weight 0:", ""]
+    lines += _table(budget_rows, "eps_B")
+    lines += ["", f"Salience weight lambda at eps_B = {SALIENCE_EPS_BACKGROUND}:", ""]
+    lines += _table(weight_rows, "lambda")
     lines += [
         "",
-        f"Untargeted L-inf dual PGD, {STEPS} steps, random start, 1 restart, seed 0, through ComfyUI's executor "
+        f"Untargeted L-inf dual PGD, {STEPS} steps, random start, 1 restart, seed 0, run through ComfyUI's executor "
         f"(LoadImage -> LOCOSalienceMask top {TOP_FRACTION:.0%} -> LOCODualPGDAttack) with "
-        f"`{CLASSIFIER_NAME}`. Success = prediction differs from the true label; images the classifier already "
-        "gets wrong count as successes. Budgets in pixel units of 0..1 images.",
+        f"`{CLASSIFIER_NAME}`. Success = prediction differs from the true label (images the classifier already "
+        "gets wrong would count as successes). Background salience share = fraction of the spectral residual "
+        "salience outside the foreground mask; lower is less conspicuous. Budgets in pixel units of 0..1 images.",
         "",
         f"- Command: `{command}`",
         f"- Machine: {_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); "
@@ -170,9 +202,10 @@ def main() -> None:
 
     started = time.time()
     with ComfySession(cpu=True) as session:
-        rows = run_sweep(session, per_class=args.per_class)
+        budget_rows = run_sweep(session, per_class=args.per_class)
+        weight_rows = run_salience_sweep(session, per_class=args.per_class)
     command = "python scripts/attack_success_table.py " + " ".join(sys.argv[1:])
-    write_section(args.docs, render_table(rows, command.strip(), time.time() - started))
+    write_section(args.docs, render_tables(budget_rows, weight_rows, command.strip(), time.time() - started))
     logger.info("updated %s", args.docs)
 
 

@@ -127,7 +127,8 @@ def test_dual_attack_graph_outputs(comfy, tiny_classifier, rgba_image):
 
     assert adversarial.shape == source.shape == (3, 32, 32, 3)
     assert perturbation.shape == (3, 32, 32, 3)
-    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert adversarial.min() >= 0
+    assert adversarial.max() <= 1
     delta = (adversarial - source).abs()
     assert delta[mask].max() <= 0.01 + 1e-6
     assert delta[~mask].max() <= 0.1 + 1e-6
@@ -136,7 +137,8 @@ def test_dual_attack_graph_outputs(comfy, tiny_classifier, rgba_image):
     assert len(report["images"]) == 3
     assert report["settings"]["restarts"] == 2
     assert report["images"][0]["clean_prediction_name"] in DIGIT_NAMES
-    assert "success" in summary and summary.count("\n#") == 3
+    assert "success" in summary
+    assert summary.count("\n#") == 3
 
 
 def test_alpha_channel_passes_through(comfy, tiny_classifier, rgba_image):
@@ -292,18 +294,27 @@ def test_attack_stops_on_interrupt(comfy, tiny_classifier, rgba_image):
     assert progress and max(progress) < 50
 
 
-@pytest.mark.skipif(not SHIPPED_CLASSIFIER.is_file(), reason="assets/models/digit_cnn.safetensors is not shipped yet")
+@pytest.mark.skipif(not SHIPPED_CLASSIFIER.is_file(), reason="assets/models/digit_cnn.safetensors is not shipped")
 def test_success_rises_with_background_budget(comfy):
-    # 100 held-out digits, eps_F = 2/255 fixed, eps_B in {0, 0.1, 0.2, 0.3}.
+    # 100 held-out digits, eps_F = 2/255 fixed, eps_B from 0 to 0.3; the
+    # same sweep that scripts/attack_success_table.py writes into the docs.
     sweep = load_sweep_script()
     rows = sweep.run_sweep(comfy, per_class=10)
-    rates = [row["success_rate"] for row in rows]
-    for row in rows:
-        print(f"eps_B {row['eps_background']:.2f}: success {row['success_rate']:.2f}")
+    rates = {row["eps_background"]: row["success_rate"] for row in rows}
 
-    assert [row["eps_background"] for row in rows] == [0.0, 0.1, 0.2, 0.3]
-    assert rows[0]["images"] == 100
+    assert set(rates) >= {0.0, 0.1, 0.2, 0.3}
+    assert all(row["images"] == 100 for row in rows)
     assert rows[0]["clean_accuracy"] >= 0.9
-    assert rates[0] <= 0.25
-    assert all(later >= earlier for earlier, later in zip(rates, rates[1:]))
-    assert rates[-1] >= rates[0] + 0.3
+    assert rates[0.0] <= 0.1
+    ordered = [rates[eps] for eps in sorted(rates)]
+    assert all(later >= earlier for earlier, later in zip(ordered, ordered[1:]))
+    assert rates[0.3] >= 0.9
+
+
+@pytest.mark.skipif(not SHIPPED_CLASSIFIER.is_file(), reason="assets/models/digit_cnn.safetensors is not shipped")
+def test_salience_weight_lowers_background_salience(comfy):
+    sweep = load_sweep_script()
+    plain, penalised = sweep.run_salience_sweep(comfy, per_class=10, weights=(0.0, 10.0))
+
+    assert penalised["background_salience_adversarial"] < plain["background_salience_adversarial"] - 0.1
+    assert plain["background_salience_adversarial"] > plain["background_salience_clean"]

@@ -23,7 +23,7 @@ SMALL_CONFIG = DigitCNNConfig(widths=(4, 8, 8), hidden=16)
 @pytest.fixture
 def digit_weights(tmp_path):
     torch.manual_seed(0)
-    network = DigitCNN(SMALL_CONFIG)
+    network = DigitCNN(SMALL_CONFIG).eval()
     path = tmp_path / "digits.safetensors"
     save_file(network.state_dict(), str(path), metadata={"digit_cnn_config": SMALL_CONFIG.to_json()})
     return path, network

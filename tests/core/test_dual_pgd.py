@@ -167,7 +167,29 @@ def test_linf_step_moves_only_inside_region():
     assert torch.equal(step, 0.01 * torch.sign(grad) * region)
 
 
-def test_linf_attack_on_linear_model_reaches_eps_sign_w():
+def test_attack_linf_step_equals_per_region_steps():
+    # The attack fuses the two L-inf region steps into one. One step from the
+    # clean image must equal linf_step on each region, clipped to [0, 1].
+    model = small_cnn()
+    model.eval()
+    images = images_batch()
+    mask = half_mask(3)
+    region_fg = mask.unsqueeze(1)
+    labels = torch.tensor([0, 1, 2])
+    config = DualPGDConfig(0.03, 0.2, norm="linf", steps=1, step_foreground=0.01, step_background=0.07,
+                           random_start=False)
+
+    result = dual_pgd_attack(model, images, mask, config, labels=labels)
+
+    adversarial = images.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(adversarial), labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, adversarial)
+    zero = torch.zeros_like(images)
+    delta = linf_step(zero, grad, 0.01, 0.03, region_fg) + linf_step(zero, grad, 0.07, 0.2, 1 - region_fg)
+    assert torch.allclose(result.adversarial, (images + delta).clamp(0, 1), atol=1e-7)
+
+
+def test_linf_attack_linear_model_closed_form():
     # For two classes, the margin (w_1 - w_0) . delta is maximised over the
     # dual box by eps_R * sign(w_1 - w_0) on each region R.
     mask = half_mask(2)
@@ -185,7 +207,7 @@ def test_linf_attack_on_linear_model_reaches_eps_sign_w():
     assert torch.allclose(result.adversarial - images, expected.expand_as(images), atol=TOL)
 
 
-def test_l2_attack_on_linear_model_reaches_scaled_direction():
+def test_l2_attack_linear_model_closed_form():
     # In L2 the optimum per region is eps_R * w_R / ||w_R|| with w = w_1 - w_0.
     mask = half_mask(1)
     region_fg = mask.unsqueeze(1)
