@@ -44,7 +44,7 @@ FIND_DIRECTIONS, FIND_PREVIEW, FIND_REPORT = 0, 1, 2
 # Small settings for the embedded 32x32 models so the main job stays at a
 # few minutes on a CPU; raise them in the editor for better directions.
 EDIT_STEPS = 6
-FIND_ROUNDS = 4
+FIND_ROUNDS = 3
 MASK_FOREGROUND = 0
 ATTACK_ADVERSARIAL, ATTACK_PERTURBATION, ATTACK_REPORT, ATTACK_SUMMARY = 0, 1, 2, 3
 SEED_NOISE = 0
