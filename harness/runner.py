@@ -52,20 +52,32 @@ class RunSummary:
     titles: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        lines = [f"{self.workflow}: finished in {self.seconds:.1f} s"]
+        """Render the summary: a heading, one line per file, then each node's values."""
+        lines = [f"== {self.workflow} ({self.seconds:.1f} s)"]
         for path in self.files:
-            lines.append(f"  file  {path}")
+            lines.append(f"   made  {path}")
         for node_id, values in self.values.items():
+            title = self.titles.get(node_id, node_id)
             for key, value in values.items():
-                lines.append(f"  {self.titles.get(node_id, node_id)} [{node_id}] {key}: {_short(value)}")
+                heading = title if key == "text" else f"{title} {key}"
+                lines.append(f"   {heading}:")
+                lines.extend(f"      {line}" for line in display_lines(value))
         return lines
 
 
-def _short(value: Any, limit: int = 300) -> str:
+def display_lines(value: Any, limit: int = 160) -> list[str]:
+    """Turn a UI value into report lines: text as written, JSON compacted to one shortened line."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[:limit] + "..."
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value.splitlines() or [""]
+        if isinstance(value, str):
+            return value.splitlines() or [""]
+    text = json.dumps(value, default=str, separators=(",", ":"))
+    return [text if len(text) <= limit else text[:limit] + "..."]
 
 
 def load_workflow(path: Path) -> dict:
@@ -239,8 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="run on a ComfyUI server started on 127.0.0.1 instead of in this process")
     parser.add_argument("--output", type=Path, default=Path("loco_outputs"),
                         help="folder for the files the workflows make (default: ./loco_outputs)")
+    parser.add_argument("--verbose", action="store_true", help="also show ComfyUI's own log messages")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # ComfyUI logs the tracebacks of optional core nodes it could not import
+    # at WARNING, which would bury the summary.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("harness").setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)  # named __main__ under python -m
 
     try:
         summaries = run_workflows(args.workflow, args.output, use_server=args.server)

@@ -24,7 +24,7 @@ if str(PACK_ROOT) not in sys.path:
     sys.path.append(str(PACK_ROOT))
 
 from harness.locate import find_comfyui  # noqa: E402
-from harness.runner import RunSummary, WorkflowRunError, open_executor, run_workflow  # noqa: E402
+from harness.runner import WorkflowRunError, open_executor, run_workflow  # noqa: E402
 
 WORKFLOW_DIR = PACK_ROOT / "workflows"
 
@@ -37,34 +37,6 @@ def embedded_workflows(folder: Path = WORKFLOW_DIR) -> list[Path]:
         if meta.get("embedded_models"):
             selected.append(path)
     return selected
-
-
-def _display_text(value, limit: int = 160) -> list[str]:
-    """Turn a UI value into report lines: text as written, JSON compacted to one shortened line."""
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return value.splitlines() or [""]
-        if isinstance(value, str):
-            return value.splitlines() or [""]
-    text = json.dumps(value, default=str, separators=(",", ":"))
-    return [text if len(text) <= limit else text[:limit] + "..."]
-
-
-def report(summary: RunSummary) -> list[str]:
-    lines = [f"== {summary.workflow} ({summary.seconds:.1f} s)"]
-    for path in summary.files:
-        lines.append(f"   made  {path}")
-    for node_id, values in summary.values.items():
-        title = summary.titles.get(node_id, node_id)
-        for key, value in values.items():
-            heading = title if key == "text" else f"{title} {key}"
-            lines.append(f"   {heading}:")
-            lines.extend(f"      {line}" for line in _display_text(value))
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(f"== {path.name} FAILED\n   {error}")
                 continue
-            print("\n".join(report(summary)))
+            print("\n".join(summary.lines()))
     finally:
         executor.close()
 
