@@ -452,10 +452,11 @@ def validate_workflow(workflow: Mapping, object_info: Mapping, name: str = "work
                       require_all_values: bool = True) -> list[str]:
     """Check a UI workflow against node schemas; return one message per problem.
 
-    Checks that every node type exists (frontend-only types excepted), that
-    every widget value is valid (combo choices, numeric min/max, value types)
-    and, with ``require_all_values``, that no widget value is missing (a file
-    saved before the node gained an input; the editor fills in defaults).
+    Checks that every node type exists (frontend-only types excepted) and
+    that every widget value is valid (combo choices, numeric min/max, value
+    types). With ``require_all_values`` it also reports missing widget
+    values, as in a file saved before the node gained an input (the editor
+    fills in defaults there).
     ``ignore_combo_inputs`` lists (node type, input) pairs whose combo choices
     depend on local files (a checkpoint list) and are checked for type only.
     """

@@ -1,10 +1,10 @@
 """Run a shared workflow headless: ``python -m harness.runner WORKFLOW.json``.
 
-The runner finds ComfyUI (``COMFYUI_PATH`` or the custom_nodes layout),
-loads this pack into it, converts the UI-format workflow to an API prompt
-with the live node schemas, checks it, executes it (in process by default,
-or with ``--server`` against a ComfyUI server it starts on 127.0.0.1),
-copies the files the workflow made to ``--output`` and logs a summary of
+The runner finds ComfyUI (``COMFYUI_PATH`` or the custom_nodes layout)
+and loads this pack into it. It converts the UI-format workflow to an API
+prompt with the live node schemas, checks it and executes it, in process by
+default or with ``--server`` on a ComfyUI server it starts on 127.0.0.1.
+It copies the files the workflow made to ``--output`` and logs a summary of
 each output node. The pack's sample images are copied into ComfyUI's input
 folder first, so the shipped workflows find them.
 """

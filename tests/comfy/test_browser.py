@@ -1,10 +1,11 @@
 """The shipped workflows in ComfyUI's real frontend, in headless Chromium.
 
 One ComfyUI server (127.0.0.1, this pack installed) and one browser serve the
-whole module. Each workflow is loaded the way the editor opens a file; the
+whole module. Each workflow is loaded the way the editor opens a file. The
 test checks that every node type exists and no node is marked with errors,
-saves a screenshot under docs/workflows/, and compares harness.convert's
-API prompt with the frontend's own conversion (``app.graphToPrompt``).
+and saves a screenshot under docs/workflows/. It also compares
+harness.convert's API prompt with the frontend's own conversion
+(``app.graphToPrompt``).
 
 Needs Debian's ``chromium`` (/usr/bin/chromium) and the Python package
 ``playwright`` (its own browser download is never used); the tests skip with
