@@ -157,7 +157,8 @@ def _class_index(entry: str, labels: list[str], what: str) -> int:
     try:
         index = int(entry)
     except ValueError:
-        raise ValueError(f"{what}: {entry!r} is neither a class index nor one of the labels {labels[:10]}...") from None
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        raise ValueError(f"{what}: {entry!r} is neither a class index nor a label ({shown})") from None
     if not 0 <= index < len(labels):
         raise ValueError(f"{what}: class index {index} is out of range 0..{len(labels) - 1}")
     return index
