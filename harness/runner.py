@@ -52,16 +52,25 @@ class RunSummary:
     titles: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        """Render the summary: a heading, one line per file, then each node's values."""
+        """Render the summary: a heading, one line per file, then each node's values.
+
+        A value that an earlier node already showed (a node's own text and a
+        Preview Any of the same output) is listed once.
+        """
         lines = [f"== {self.workflow} ({self.seconds:.1f} s)"]
         for path in self.files:
             lines.append(f"   made  {path}")
+        shown: set[tuple[str, ...]] = set()
         for node_id, values in self.values.items():
             title = self.titles.get(node_id, node_id)
             for key, value in values.items():
+                rendered = tuple(display_lines(value))
+                if rendered in shown:
+                    continue
+                shown.add(rendered)
                 heading = title if key == "text" else f"{title} {key}"
                 lines.append(f"   {heading}:")
-                lines.extend(f"      {line}" for line in display_lines(value))
+                lines.extend(f"      {line}" for line in rendered)
         return lines
 
 
