@@ -19,7 +19,8 @@ inference tensors. A caller whose weights are inference tensors must make
 them saveable first, for example with ``saveable_weights(module)`` below, or
 by cloning them outside inference mode. In-place edits of activations by
 model patches (ComfyUI's ControlNet adds its residuals with +=) also break
-reverse mode but not forward mode.
+reverse mode but not forward mode; a stock ControlNet's own weights are
+inference tensors too, so with one attached "auto" ends at symmetric.
 
 A zero or non-finite product raises JacobianError: the published LOCO code
 calls torch.autograd.functional.jacobian, which returns zeros without an error
@@ -167,11 +168,11 @@ class JacobianProducts:
                 )
                 self._resolved_vjp = "symmetric"
                 return self.jvp(cotangents)
-            # NOTE: no test runs a ControlNet-patched model through this path yet.
+            reason = str(error).strip().rstrip(".")
             raise JacobianError(
-                f"reverse-mode VJP failed: {error}. Reverse mode needs weights that autograd can save "
-                "(wrap the call in loco_core.jacobian.saveable_weights(module)) and no in-place edits of "
-                "activations by model patches; vjp_strategy='symmetric' or 'auto' avoids reverse mode"
+                f"reverse-mode VJP failed: {reason}. Set vjp_strategy to 'auto' or 'symmetric' to avoid reverse "
+                "mode. Reverse mode needs weights that autograd can save (in Python, wrap the call in "
+                "loco_core.jacobian.saveable_weights(module)) and no in-place edits of activations by patches"
             ) from error
         _check_product("VJP (reverse)", result)
         self._resolved_vjp = "reverse"

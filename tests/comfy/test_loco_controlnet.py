@@ -249,4 +249,4 @@ def test_reverse_vjp_fails_with_controlnet(comfy, controlnet_name):
     # The observed cause is the ControlNet's inference-mode weights (see the test above).
     assert "Inference tensors cannot be saved for backward" in message
     # The message names the way out.
-    assert "vjp_strategy='symmetric' or 'auto'" in message
+    assert "Set vjp_strategy to 'auto' or 'symmetric'" in message
