@@ -302,7 +302,8 @@ def tiny_clip_vision(tmp_path):
         else:
             state_dict[name] = 0.2 * torch.randn(tensor.shape, generator=generator)
     missing, unexpected = clip_vision.load_sd(state_dict)
-    assert not missing and not unexpected
+    assert not missing
+    assert not unexpected
     return clip_vision
 
 
