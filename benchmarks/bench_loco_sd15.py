@@ -58,6 +58,7 @@ logger = logging.getLogger("bench_loco_sd15")
 PIXELS_PER_LATENT = 8
 SIZE_MULTIPLE = 64
 MEMORY_SAMPLE_SECONDS = 0.02
+STAGE_NAMES = ("build", "latent", "forward", "invert", "find", "apply")
 
 
 class StageLogRecords(logging.Handler):
@@ -159,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LOCOPosteriorMean runs for the forward-time unit (median); default 2")
     parser.add_argument("--model-seed", type=int, default=0, help="seed of the random UNet weights; default 0")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads; default 2")
+    parser.add_argument("--stop-after", choices=STAGE_NAMES, default=STAGE_NAMES[-1],
+                        help="last stage to run, e.g. 'forward' to time one denoiser call at a large --size; "
+                        "default apply (all stages)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -373,10 +377,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 edited = result.values("edited")[0]["samples"]
                 notes.append(f"edited latent {tuple(edited.shape)}, finite {bool(torch.isfinite(edited).all())}")
             stage.notes = "; ".join(notes)
+            if name == args.stop_after:
+                break
             if name == "latent":
                 forward_stage, forward_seconds = run_forward_unit(session, prompt, args)
                 stages.append(forward_stage)
-                if forward_seconds is None:
+                if forward_seconds is None or args.stop_after == "forward":
                     break
         info["torch_threads"] = torch.get_num_threads()
         info["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
