@@ -23,10 +23,10 @@ by a psutil thread every 20 ms, so peaks shorter than that can be missed.
 A failing stage is reported with ComfyUI's exception text and the stages
 after it are skipped.
 
-The defaults are small (64x64 pixels, rank 1, null rank 1, two rounds,
-two ODE steps; rank, null rank and rounds are the smallest the nodes
-accept), so one run takes minutes on a CPU. Usage with the settings of a
-real edit:
+The defaults are small so that one run takes minutes on a CPU: 64x64
+pixels, two ODE steps, and rank 1, null rank 1 and two rounds, which are
+the smallest values the nodes accept. Usage with the settings of a real
+edit:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_loco_sd15.py \\
         --size 512 --rank 5 --null-rank 5 --max-rounds 20 --invert-steps 40 --threads 2
