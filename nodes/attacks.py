@@ -210,8 +210,8 @@ class LOCOSalienceMask(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Mask.Output("foreground", tooltip="0/1 foreground mask [B,H,W]; 1 marks the salient region."),
-                io.Mask.Output("salience", tooltip="Salience map [B,H,W] in 0..1 (maximum 1 per image)."),
+                io.Mask.Output("foreground", display_name="foreground", tooltip="0/1 foreground mask [B,H,W]; 1 marks the salient region."),
+                io.Mask.Output("salience", display_name="salience", tooltip="Salience map [B,H,W] in 0..1 (maximum 1 per image)."),
             ],
         )
 
@@ -275,7 +275,7 @@ class LOCOLoadClassifier(io.ComfyNode):
                     tooltip="Seed of the vote's noise, so the smoothed decision repeats exactly.",
                 ),
             ],
-            outputs=[Classifier.Output("classifier", tooltip="Classifier taking 0..1 RGB images.")],
+            outputs=[Classifier.Output("classifier", display_name="classifier", tooltip="Classifier taking 0..1 RGB images.")],
         )
 
     @classmethod
@@ -337,7 +337,7 @@ class LOCOClassifyImage(io.ComfyNode):
             ],
             outputs=[
                 io.String.Output(
-                    "predictions",
+                    "predictions", display_name="predictions",
                     tooltip="JSON list, one entry per image: prediction index, label, confidence (softmax "
                     "probability or vote share) and the top 5 classes.",
                 ),
@@ -437,14 +437,14 @@ class LOCODualPGDAttack(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output("adversarial", tooltip="Adversarial images [B,H,W,C] in 0..1, alpha kept."),
-                io.Image.Output("perturbation", tooltip="Amplified perturbation, 0.5 + gain * delta, RGB [B,H,W,3]."),
+                io.Image.Output("adversarial", display_name="adversarial", tooltip="Adversarial images [B,H,W,C] in 0..1, alpha kept."),
+                io.Image.Output("perturbation", display_name="perturbation", tooltip="Amplified perturbation, 0.5 + gain * delta, RGB [B,H,W,3]."),
                 io.String.Output(
-                    "report",
+                    "report", display_name="report",
                     tooltip="JSON: settings, batch summary and per image success, clean and adversarial prediction "
                     "and confidence, L-inf and L2 norms per region, background salience share before and after.",
                 ),
-                io.String.Output("summary", tooltip="Short text summary of the report."),
+                io.String.Output("summary", display_name="summary", tooltip="Short text summary of the report."),
             ],
         )
 

@@ -283,9 +283,9 @@ class LOCOLoadDiffusionModel(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output("model", tooltip="Pixel-space EPS diffusion MODEL, latents [B,3,H,W] in -1..1."),
+                io.Model.Output("model", display_name="model", tooltip="Pixel-space EPS diffusion MODEL, latents [B,3,H,W] in -1..1."),
                 io.Conditioning.Output(
-                    "conditioning",
+                    "conditioning", display_name="conditioning",
                     tooltip="Placeholder conditioning for KSampler's positive and negative inputs; the model is "
                     "unconditional and ignores it (CFG has no effect).",
                 ),

@@ -93,15 +93,15 @@ def _noise_outputs(noise: SeedNoise) -> tuple[SeedNoise, SharedSeedNoise, dict]:
 
 _NOISE_OUTPUTS = [
     LocoNoise.Output(
-        "noise",
+        "noise", display_name="noise",
         tooltip="Starting noise [N, C, H, W] (float32, standard normal), one seed per image, for LOCO Compare Models.",
     ),
     io.Noise.Output(
-        "comfy_noise",
+        "comfy_noise", display_name="comfy_noise",
         tooltip="The same tensor as a ComfyUI NOISE for SamplerCustomAdvanced; the latent must have its shape.",
     ),
     io.Latent.Output(
-        "empty_latent",
+        "empty_latent", display_name="empty_latent",
         tooltip="An all-zero latent of the noise's shape, to pair with comfy_noise in SamplerCustomAdvanced.",
     ),
 ]
@@ -223,7 +223,7 @@ class SaveSeedNoiseNode(io.ComfyNode):
             ],
             outputs=[
                 io.String.Output(
-                    "filename",
+                    "filename", display_name="filename",
                     tooltip="The saved file as LOCO Load Seed Noise reads it, e.g. 'loco_noise/noise_00001"
                     ".safetensors [output]'.",
                 ),
@@ -330,7 +330,7 @@ class ComparisonModelNode(io.ComfyNode):
                     tooltip="The list built so far; this node appends to a copy of it.",
                 ),
             ],
-            outputs=[LocoModelList.Output("models", tooltip="The list with this model appended.")],
+            outputs=[LocoModelList.Output("models", display_name="models", tooltip="The list with this model appended.")],
         )
 
     @classmethod
@@ -618,19 +618,19 @@ class CompareModelsNode(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(
-                    "paired_grid",
+                    "paired_grid", display_name="paired_grid",
                     tooltip=f"One row per model (and its nearest training images), one column per seed (first "
                     f"{GRID_MAX_COLUMNS} seeds).",
                 ),
-                io.Image.Output("rp_heatmap", tooltip="RP between every pair of models for the shown metric."),
+                io.Image.Output("rp_heatmap", display_name="rp_heatmap", tooltip="RP between every pair of models for the shown metric."),
                 io.Image.Output(
-                    "histogram", tooltip="Matched against mismatched seed similarities with the threshold.",
+                    "histogram", display_name="histogram", tooltip="Matched against mismatched seed similarities with the threshold.",
                 ),
                 io.Image.Output(
-                    "samples", tooltip="All decoded samples at comparison size, model by model, seeds in order.",
+                    "samples", display_name="samples", tooltip="All decoded samples at comparison size, model by model, seeds in order.",
                 ),
-                io.String.Output("report_json", tooltip="Full report: settings, versions, per-seed scores."),
-                io.String.Output("summary", tooltip="A few lines of text on the shown metric."),
+                io.String.Output("report_json", display_name="report_json", tooltip="Full report: settings, versions, per-seed scores."),
+                io.String.Output("summary", display_name="summary", tooltip="A few lines of text on the shown metric."),
             ],
             is_output_node=True,
         )
