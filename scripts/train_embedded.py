@@ -115,11 +115,11 @@ ARCH_PLAIN = unet_config(32, (1, 2, 2, 2), 1, attention_levels=set(), middle_att
 
 DIFFUSION_SPECS = {
     "a": DiffusionSpec("loco_digits_a", "UNet with attention at 8x8, all 4,500 training digits",
-                       ARCH_ATTENTION, "train", steps=420, batch_size=32, learning_rate=2e-3, seed=1),
+                       ARCH_ATTENTION, "train", steps=1600, batch_size=32, learning_rate=2e-3, seed=1),
     "b": DiffusionSpec("loco_digits_b", "four-level UNet without attention, other seed, all 4,500 training digits",
                        ARCH_PLAIN, "train", steps=220, batch_size=32, learning_rate=2e-3, seed=2),
     "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
-                       ARCH_ATTENTION, "memorize", steps=350, batch_size=32, learning_rate=2e-3, seed=3),
+                       ARCH_ATTENTION, "memorize", steps=1600, batch_size=32, learning_rate=2e-3, seed=3),
 }
 
 CNN_EPOCHS = 10
