@@ -99,6 +99,17 @@ def _parse_weights(text: str, count: int) -> dict[int, float]:
     return weights
 
 
+def _weights_syntax_error(text: str | None, required: bool = False) -> bool | str:
+    """Check index:weight syntax before the graph runs; returns True or the error message."""
+    if text is None or (not text.strip() and not required):
+        return True
+    try:
+        _parse_weights(text, count=1 << 30)
+    except LocoError as error:
+        return str(error)
+    return True
+
+
 def _edit_vector(directions: DirectionSet, index: int, weights_text: str) -> torch.Tensor:
     if not weights_text.strip():
         return directions.direction(index)
@@ -318,6 +329,11 @@ class LOCOApplyEdit(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, direction_weights=None) -> bool | str:
+        # Naming only this input keeps ComfyUI's own range checks on the others.
+        return _weights_syntax_error(direction_weights)
+
+    @classmethod
     def execute(cls, model, positive, negative, inversion, directions, direction_index, strength, cfg, direction_weights="") -> io.NodeOutput:
         _check_shapes(directions, inversion)
         _check_model("the directions", directions.model_fingerprint, model)
@@ -356,6 +372,11 @@ class LOCOSweep(io.ComfyNode):
                 io.Image.Output(display_name="grid", tooltip="The decoded sweep side by side, left to right; empty (1x1 black) without a vae."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, direction_weights=None) -> bool | str:
+        # Naming only this input keeps ComfyUI's own range checks on the others.
+        return _weights_syntax_error(direction_weights)
 
     @classmethod
     def execute(cls, model, positive, negative, inversion, directions, direction_index, max_strength, count, batch_index, cfg, direction_weights="", vae=None) -> io.NodeOutput:
@@ -445,6 +466,10 @@ class LOCOComposeDirections(io.ComfyNode):
             ],
             outputs=[Directions.Output(display_name="directions", tooltip="A set holding the one composed direction.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, weights=None) -> bool | str:
+        return _weights_syntax_error(weights, required=True)
 
     @classmethod
     def execute(cls, directions, weights, directions_b=None) -> io.NodeOutput:

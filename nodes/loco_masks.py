@@ -65,7 +65,8 @@ def _resize(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
     exact = factor >= 1 and mask_height == factor * height and mask_width == factor * width
     if not exact:
         raise LocoError(
-            f"MASK is {mask_width}x{mask_height} but the latent is {width}x{height}; use a mask of the latent's "
-            "size or of the image's size (the latent size times the model's downscale factor, e.g. 8)"
+            f"MASK is {mask_width}x{mask_height} but the latent is {width}x{height}; use a {width}x{height} mask "
+            f"or one of the image's size, an integer multiple such as {8 * width}x{8 * height} for a VAE "
+            "that downscales by 8"
         )
     return F.avg_pool2d(weights[:, None], kernel_size=factor)[:, 0]

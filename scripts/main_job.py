@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workflows", nargs="*", type=Path,
                         help="workflow files to run (default: every shipped workflow for the embedded models)")
     parser.add_argument("--output", type=Path, default=PACK_ROOT / "loco_outputs",
-                        help="folder for the made files, one subfolder per workflow (default: ./loco_outputs)")
+                        help="folder for the made files, one subfolder per workflow (default: loco_outputs in the pack folder)")
     parser.add_argument("--server", action="store_true",
                         help="run on a ComfyUI server on 127.0.0.1 instead of in this process")
     args = parser.parse_args(argv)

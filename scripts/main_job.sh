@@ -22,9 +22,10 @@ if ! comfy_root="$("$python" -m harness.locate 2>&1)"; then
 fi
 
 # ComfyUI's requirements minus the torch family, which is installed already.
+# ComfyUI 0.3.64 imports requests without listing it in requirements.txt.
 grep -v -E '^(torch|torchvision|torchaudio|torchsde)\b' "$comfy_root/requirements.txt" \
     > "$venv/comfyui-requirements.txt"
 "$python" -m pip install --quiet --disable-pip-version-check \
-    -r "$venv/comfyui-requirements.txt" torchsde
+    -r "$venv/comfyui-requirements.txt" torchsde requests
 
 exec "$python" scripts/main_job.py "$@"

@@ -17,10 +17,11 @@ python="$venv/bin/python"
 comfy_root="$("$python" -m harness.locate 2>/dev/null || true)"
 if [ -n "$comfy_root" ]; then
     # ComfyUI's requirements minus the torch family, which is installed already.
+# ComfyUI 0.3.64 imports requests without listing it in requirements.txt.
     grep -v -E '^(torch|torchvision|torchaudio|torchsde)\b' "$comfy_root/requirements.txt" \
         > "$venv/comfyui-requirements.txt"
     "$python" -m pip install --quiet --disable-pip-version-check \
-        -r "$venv/comfyui-requirements.txt" torchsde
+        -r "$venv/comfyui-requirements.txt" torchsde requests
 fi
 
 set +e

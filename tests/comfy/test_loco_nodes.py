@@ -292,3 +292,15 @@ def test_edit_digit_image_on_embedded_model(comfy):
     # few rounds the upper half changed 2.7 times more than the lower half.
     change = (latent["samples"][2] - latent["samples"][0]).pow(2).sum(dim=0)
     assert float(change[:16].mean()) > 2 * float(change[16:].mean())
+
+
+def test_bad_weights_rejected_before_running(comfy):
+    from harness.inprocess import PromptValidationError
+
+    comfy.clear_cache()
+    prompt, shared = model_nodes()
+    prompt["15"] = apply_node(shared, 3.0, weights="0:abc, 1:1")
+    events = []
+    with pytest.raises(PromptValidationError, match="0:abc"):
+        comfy.run(prompt, targets=["15"], on_event=lambda event, data: events.append(event))
+    assert "executing" not in events
