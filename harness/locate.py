@@ -1,7 +1,7 @@
 """Find the ComfyUI checkout that the pack runs against.
 
 Search order: the ``COMFYUI_PATH`` environment variable, then the folder
-that holds this repository when it sits in ``ComfyUI/custom_nodes``.
+that contains this repository when it sits in ``ComfyUI/custom_nodes``.
 Run as ``python -m harness.locate`` to print the path (exit code 1 when
 there is none).
 """

@@ -5,8 +5,8 @@ the posterior mean is E[x0 | x] = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu),
 so the Jacobian is the symmetric matrix Sigma (Sigma + sigma^2 I)^-1. For a
 mixture of Gaussians the posterior mean is the responsibility-weighted sum of
 the component means, and by Tweedie's formula the Jacobian is the posterior
-covariance Cov[x0 | x] / sigma^2. With low-rank covariances these give exact
-answers for the LOCO subspaces, used by tests, benchmarks and the demo.
+covariance Cov[x0 | x] / sigma^2. With low-rank covariances these give the
+exact LOCO subspaces that tests, benchmarks and the demo compare against.
 """
 
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ def random_low_rank_covariance(
     generator: torch.Generator,
     floor: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A covariance U diag(variances) U^T + floor * I with a random orthonormal U [dimension, rank]."""
+    """Draw a covariance U diag(variances) U^T + floor * I with a random orthonormal U [dimension, rank]."""
     if variances.shape != (rank,):
         raise LocoError(f"variances must have shape ({rank},), got {tuple(variances.shape)}")
     basis, _ = torch.linalg.qr(torch.randn(dimension, rank, generator=generator, dtype=torch.float64))
@@ -119,7 +119,7 @@ def low_rank_gaussian(
     variance_decay: float = 0.8,
     floor: float = 0.0,
 ) -> GaussianMixture:
-    """A single Gaussian with a rank-``rank`` covariance whose variances decay geometrically from 1."""
+    """Build a single Gaussian with a rank-``rank`` covariance whose variances decay geometrically from 1."""
     dimension = 1
     for size in image_shape:
         dimension *= size
@@ -138,7 +138,7 @@ def low_rank_mixture(
     mean_scale: float = 1.0,
     floor: float = 1e-4,
 ) -> GaussianMixture:
-    """A mixture of equally weighted low-rank Gaussians with random means and subspaces."""
+    """Build a mixture of equally weighted low-rank Gaussians with random means and subspaces."""
     dimension = 1
     for size in image_shape:
         dimension *= size
@@ -163,7 +163,7 @@ def regional_gaussian(
     shared_variance: float = 0.3,
     floor: float = 1e-4,
 ) -> GaussianMixture:
-    """A Gaussian whose variation is partly confined to a region and partly shared with the rest.
+    """Build a Gaussian whose variation is partly confined to a region and partly shared with the rest.
 
     ``inside_rank`` directions live inside ``mask`` (broadcast to image_shape),
     ``outside_rank`` outside it, and ``shared_rank`` directions span both, with

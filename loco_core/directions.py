@@ -68,27 +68,11 @@ class DirectionSet:
         if path.exists():
             raise LocoError(f"{path} already exists; choose another file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "vectors": self.vectors.detach().float().cpu().contiguous(),
-            "singular_values": self.singular_values.detach().float().cpu().contiguous(),
-            "mask": self.mask.detach().float().cpu().contiguous(),
-        }
-        for name in ("leakage_before", "leakage_after", "null_vectors"):
-            value = getattr(self, name)
-            if value is not None:
-                tensors[name] = value.detach().float().cpu().contiguous()
-        metadata = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "sigma": repr(float(self.sigma)),
-            "shape": json.dumps(list(self.shape)),
-            "model_fingerprint": self.model_fingerprint,
-            "parameters": json.dumps(self.parameters, sort_keys=True),
-        }
+
         # Write beside the target and link it into place, so a file created
         # meanwhile by someone else is not replaced.
         temporary = path.with_name(path.name + ".partial")
-        save_file(tensors, str(temporary), metadata=metadata)
+        save_file(self._tensors(), str(temporary), metadata=self._metadata())
         try:
             os.link(temporary, path)
         except FileExistsError:
@@ -96,6 +80,24 @@ class DirectionSet:
         finally:
             temporary.unlink(missing_ok=True)
         return path
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in ("vectors", "singular_values", "mask", "leakage_before", "leakage_after", "null_vectors"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.detach().float().cpu().contiguous()
+        return tensors
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "sigma": repr(float(self.sigma)),
+            "shape": json.dumps(list(self.shape)),
+            "model_fingerprint": self.model_fingerprint,
+            "parameters": json.dumps(self.parameters, sort_keys=True),
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DirectionSet":

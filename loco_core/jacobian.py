@@ -58,8 +58,8 @@ class ProductCounter:
     def forward_equivalents(self) -> int:
         """Cost in denoiser evaluations: a JVP or a VJP counts as two forward passes.
 
-        The weight of two is the usual estimate for one product (a primal and
-        a tangent or adjoint pass); both methods in a comparison are counted
+        The weight of two is the usual estimate for one product, a primal and
+        a tangent or adjoint pass. Both methods in a comparison are counted
         the same way.
         """
         return self.forward + 2 * self.jvp + 2 * self.vjp

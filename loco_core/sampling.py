@@ -2,9 +2,9 @@
 
 DDIM with eta 0 is the Euler step of the probability-flow ODE written with
 the denoiser D:  x <- x + (sigma_next - sigma) * (x - D(x, sigma)) / sigma.
-Inversion walks an ascending grid from SIGMA_FLOOR to the edit level; decoding
-walks the same grid reversed, with the floor replaced by 0 so the last step
-returns D(x, sigma_1). Decoding an unedited inverted latent is therefore the
+Inversion walks an ascending grid from SIGMA_FLOOR to the edit level.
+Decoding walks the same grid reversed, with the floor replaced by 0, so the
+last step returns D(x, sigma_1). Decoding an unedited inverted latent is therefore the
 "plain decode", and an edit of strength 0 reproduces it exactly.
 """
 

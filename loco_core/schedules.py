@@ -1,6 +1,6 @@
 """Noise schedules in the variance-exploding form x = x0 + sigma * noise.
 
-A variance-preserving (VP) model with cumulative signal fraction alpha_bar sees
+A variance-preserving (VP) model with cumulative signal fraction alpha_bar takes
 x_vp = sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * noise. Dividing by
 sqrt(alpha_bar) gives the form above with sigma = sqrt((1 - alpha_bar) / alpha_bar),
 which is the convention of ComfyUI's samplers and of this engine.

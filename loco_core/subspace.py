@@ -38,7 +38,7 @@ class ConvergenceRecord:
 
     angle_changes[i] is the sine of the largest principal angle between the
     Ritz subspaces of rounds i + 1 and i + 2. ``converged`` means the last
-    change fell below the tolerance; when the singular values around the
+    change fell below the tolerance. When the singular values around the
     rank are nearly equal, the error to the true subspace can be larger.
     """
 
@@ -75,7 +75,7 @@ class MaskedSubspace:
 
 
 def broadcast_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The mask expanded to the image shape [*shape] as float, validated."""
+    """Validate the mask and expand it to the image shape [*shape] as float."""
     mask = torch.as_tensor(mask)
     if not mask.is_floating_point():
         mask = mask.float()

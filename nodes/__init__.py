@@ -1,7 +1,7 @@
 """Node registration for ComfyUI (V3 schema).
 
 Each module listed in ``NODE_MODULES`` exposes ``NODES``, a list of
-``io.ComfyNode`` classes. Modules are imported when ComfyUI asks for the
+``io.ComfyNode`` classes. Modules are imported when ComfyUI requests the
 node list, so importing the pack stays cheap.
 """
 

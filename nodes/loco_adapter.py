@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelSpace:
-    """What a task gets: the latent in model space, the denoisers and the model's noise schedule."""
+    """Task input: the latent in model space, the two denoisers and the model's noise schedule."""
 
     latent: torch.Tensor
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -90,7 +90,7 @@ def _detach_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def reverse_mode_clone(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
-    """A clone whose layers use per-call copies of their weights.
+    """Clone the MODEL so that its layers use per-call copies of their weights.
 
     ComfyUI creates checkpoint weights inside inference mode, and reverse mode
     cannot save inference tensors. A weight wrapper on every ComfyUI layer
@@ -120,8 +120,8 @@ def run_with_denoiser(
 ):
     """Run ``task`` with the denoiser of ``model`` and return what the task returns.
 
-    ``latent`` is a node-level LATENT tensor [B, C, H, W]; the task sees it in
-    model space. ``sigmas`` should be the schedule the task walks, because
+    ``latent`` is a node-level LATENT tensor [B, C, H, W], and the task
+    receives it in model space. ``sigmas`` should be the schedule the task walks, because
     some model patches read it.
     """
     patcher = reverse_mode_clone(model) if reverse_mode else model
@@ -140,7 +140,7 @@ def model_space_to_latent(model: comfy.model_patcher.ModelPatcher, samples: torc
 
 
 def model_fingerprint(model: comfy.model_patcher.ModelPatcher) -> str:
-    """A short id of the model's architecture, weights and patches.
+    """Return a short id of the model's architecture, weights and patches.
 
     It hashes the model class, its UNet configuration, the patched weight
     keys and the norms of a few parameters, enough to notice directions

@@ -162,7 +162,7 @@ def _cfg_input(default: float = 1.0) -> io.Float.Input:
 
 
 def _clean_latent(latent, image, vae) -> torch.Tensor:
-    """The latent to invert, from a LATENT or from an IMAGE encoded by a VAE (exactly one of the two)."""
+    """Return the latent to invert, from a LATENT or from an IMAGE encoded by a VAE (exactly one of the two)."""
     if latent is not None and image is not None:
         raise LocoError("both latent and image are connected; connect one of them")
     if image is not None:

@@ -15,7 +15,7 @@ class TinyDenoiser(nn.Module):
         self.norm = nn.GroupNorm(2, width)
         # In eval mode without autograd, nn.MultiheadAttention takes a fused
         # kernel that has no forward-mode AD, like the fused SDPA kernels of
-        # real models; the explicit path below supports every AD mode.
+        # real models. The explicit path below supports every AD mode.
         self.attention = nn.MultiheadAttention(width, num_heads=2, batch_first=True)
         self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
 

@@ -100,7 +100,7 @@ def test_auto_vjp_falls_back_to_symmetric(vectors, caplog):
 
 def test_auto_falls_back_from_fused_attention(vectors, caplog):
     # The fused attention kernel has neither forward AD nor a double backward
-    # on the CPU, so both autograd strategies fail and logging says why.
+    # on the CPU, so both autograd strategies fail and the log gives the reasons.
     model = build_denoiser(0, fused_attention=True)
     x = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(1))
     expected = vectors.reshape(4, -1) @ dense_jacobian(model, x, SIGMA).T
