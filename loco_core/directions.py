@@ -35,7 +35,8 @@ class DirectionSet:
     vectors: [r, *shape], orthonormal after the null-space projection.
     singular_values: [r] singular values of P J before the projection.
     leakage_before, leakage_after: [r] |(I-P) J v| / |P J v| before and after it.
-    mask: the output mask, broadcastable to ``shape``.
+    mask: the output mask, broadcastable to the output shape of the products
+          (``shape`` itself unless the Jacobian was taken through a decoder).
     parameters: the settings that made the set (rank, seed, rounds, ...).
     """
 
@@ -137,7 +138,7 @@ def find_directions(
     on_round: RoundCallback | None = None,
 ) -> DirectionSet:
     """Edit directions inside ``mask`` at the point and noise level of ``products``."""
-    weights = broadcast_mask(mask, products.shape)
+    weights = broadcast_mask(mask, products.output_shape)
     if null_rank < 0:
         raise LocoError(f"null_rank={null_rank} must be 0 or more")
     if null_rank > 0 and bool((weights >= 1).all()):
@@ -227,7 +228,7 @@ def transfer(
             f"direction shape {tuple(direction.shape)} differs from the target latent shape {target.shape}; "
             "transfer between latents of the same size"
         )
-    weights = broadcast_mask(mask, target.shape)
+    weights = broadcast_mask(mask, target.output_shape)
     block = block.to(device=target.x.device, dtype=torch.promote_types(target.x.dtype, torch.float32))
     norms = block.flatten(1).norm(dim=1)
     if bool((norms == 0).any()):

@@ -68,7 +68,11 @@ class ProductCounter:
 class JacobianProducts:
     """Products with the Jacobian J of a denoiser at one image x and noise level sigma.
 
-    ``x`` has shape [1, ...]; vector blocks have shape [k, ...].
+    ``x`` has shape [1, ...]; JVP vectors have shape [k, ...]. The function
+    may map into another space than its input (for example a denoiser
+    followed by a VAE decoder); then ``output_shape`` names the shape of one
+    output, VJP cotangents have shape [k, *output_shape], and the symmetric
+    VJP, which needs a square Jacobian, is unavailable.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class JacobianProducts:
         sigma: float,
         jvp_strategy: str = "auto",
         vjp_strategy: str = "auto",
+        output_shape: tuple[int, ...] | None = None,
     ):
         if jvp_strategy not in JVP_STRATEGIES:
             raise LocoError(f"jvp_strategy={jvp_strategy!r} is unknown; use one of {JVP_STRATEGIES}")
@@ -92,6 +97,12 @@ class JacobianProducts:
         self.sigma = float(sigma_batch(sigma, 1, x.to(torch.float64))[0])
         self.jvp_strategy = jvp_strategy
         self.vjp_strategy = vjp_strategy
+        self.output_shape = self.shape if output_shape is None else tuple(int(n) for n in output_shape)
+        if vjp_strategy == "symmetric" and not self.square:
+            raise LocoError(
+                f"vjp_strategy='symmetric' needs the output in the input's space, but the input has shape "
+                f"{self.shape} and the output {self.output_shape}; use 'reverse' or 'auto'"
+            )
         self.counter = ProductCounter()
         self._resolved_jvp: str | None = None if jvp_strategy == "auto" else jvp_strategy
         self._resolved_vjp: str | None = None if vjp_strategy == "auto" else vjp_strategy
@@ -100,6 +111,11 @@ class JacobianProducts:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    @property
+    def square(self) -> bool:
+        """Whether the function maps into its own input space."""
+        return self.output_shape == self.shape
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """D at a batch of points, counted as forward passes."""
@@ -115,8 +131,8 @@ class JacobianProducts:
         return self._value
 
     def jvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """J v for each of the k vectors in ``vectors`` [k, ...]."""
-        self._check_block("jvp", vectors)
+        """J v [k, *output_shape] for each of the k vectors in ``vectors`` [k, *shape]."""
+        self._check_block("jvp", vectors, self.shape)
 
         if self._resolved_jvp is not None:
             try:
@@ -154,7 +170,7 @@ class JacobianProducts:
         for the true posterior mean (its Jacobian is the posterior covariance
         over sigma^2) and an approximation for a trained network.
         """
-        self._check_block("vjp", cotangents)
+        self._check_block("vjp", cotangents, self.output_shape)
 
         if self._resolved_vjp == "symmetric":
             return self.jvp(cotangents)
@@ -162,17 +178,23 @@ class JacobianProducts:
         try:
             result = self._vjp_reverse(cotangents)
         except RuntimeError as error:
-            if self._resolved_vjp is None:
+            if self._resolved_vjp is None and self.square:
                 logger.warning(
                     "reverse-mode VJP failed (%s); using the symmetric approximation J^T u = J u from now on", error
                 )
                 self._resolved_vjp = "symmetric"
                 return self.jvp(cotangents)
             reason = str(error).strip().rstrip(".")
+            remedy = (
+                "Set vjp_strategy to 'auto' or 'symmetric' to avoid reverse mode"
+                if self.square
+                else "The symmetric approximation cannot replace it, because the output lies in another space "
+                "than the input; take the Jacobian in the input's own space"
+            )
             raise JacobianError(
-                f"reverse-mode VJP failed: {reason}. Set vjp_strategy to 'auto' or 'symmetric' to avoid reverse "
-                "mode. Reverse mode needs weights that autograd can save (in Python, wrap the call in "
-                "loco_core.jacobian.saveable_weights(module)) and no in-place edits of activations by patches"
+                f"reverse-mode VJP failed: {reason}. {remedy}. Reverse mode needs weights that autograd can save "
+                "(in Python, wrap the call in loco_core.jacobian.saveable_weights(module)) and no in-place edits "
+                "of activations by patches"
             ) from error
         _check_product("VJP (reverse)", result)
         self._resolved_vjp = "reverse"
@@ -183,9 +205,9 @@ class JacobianProducts:
         """The JVP and VJP strategies in use (None until the first product resolves "auto")."""
         return {"jvp": self._resolved_jvp, "vjp": self._resolved_vjp}
 
-    def _check_block(self, name: str, block: torch.Tensor) -> None:
-        if tuple(block.shape[1:]) != self.shape:
-            raise LocoError(f"{name} vectors have shape {tuple(block.shape[1:])}, expected {self.shape}")
+    def _check_block(self, name: str, block: torch.Tensor, expected: tuple[int, ...]) -> None:
+        if tuple(block.shape[1:]) != expected:
+            raise LocoError(f"{name} vectors have shape {tuple(block.shape[1:])}, expected {expected}")
         check_finite(f"{name} vectors", block)
 
     def _points(self, count: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ def project_out(vectors: torch.Tensor, null_vectors: torch.Tensor) -> torch.Tens
 
 def leakage(products: JacobianProducts, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """|P' J v| / |P J v| for each of ``vectors`` [k, *shape], from one batched JVP."""
-    weights = broadcast_mask(mask, products.shape).to(products.x.device)
+    weights = broadcast_mask(mask, products.output_shape).to(products.x.device)
     response = products.jvp(vectors)
     inside = (weights * response).flatten(1).norm(dim=1)
     outside = ((1 - weights) * response).flatten(1).norm(dim=1)

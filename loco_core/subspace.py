@@ -19,6 +19,7 @@ the ratio (s_{r+1} / s_r)^2 per round to (s_{k+1} / s_r)^2.
 """
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -112,14 +113,14 @@ def masked_subspace(
     may raise to stop the iteration (for example on a user interrupt).
     """
     shape = products.shape
-    weights = broadcast_mask(mask, shape).to(products.x.device)
-    _check_rank(rank, weights, shape)
+    weights = broadcast_mask(mask, products.output_shape).to(products.x.device)
+    _check_rank(rank, weights, products)
     if max_rounds < 2:
         raise LocoError(f"max_rounds={max_rounds}; the stopping rule compares two rounds, so use at least 2")
     if oversample < 0:
         raise LocoError(f"oversample={oversample} must be 0 or more")
 
-    dimension = weights.numel()
+    dimension = math.prod(shape)
     masked_dimension = int((weights > 0).sum())
     block = min(rank + oversample, dimension, masked_dimension)
     work_dtype = torch.promote_types(products.x.dtype, torch.float32)
@@ -188,7 +189,7 @@ def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs.view(-1, *([1] * (vectors.ndim - 1)))
 
 
-def _check_rank(rank: int, weights: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _check_rank(rank: int, weights: torch.Tensor, products: JacobianProducts) -> None:
     masked_dimension = int((weights > 0).sum())
     if masked_dimension == 0:
         raise LocoError("the mask is empty (all zero); paint the region to edit")
@@ -197,7 +198,12 @@ def _check_rank(rank: int, weights: torch.Tensor, shape: tuple[int, ...]) -> Non
     if rank > masked_dimension:
         raise LocoError(
             f"rank={rank} exceeds the masked dimension {masked_dimension} (mask entries times channels "
-            f"of an image of shape {shape}); lower the rank or enlarge the mask"
+            f"of an output of shape {products.output_shape}); lower the rank or enlarge the mask"
+        )
+    if rank > math.prod(products.shape):
+        raise LocoError(
+            f"rank={rank} exceeds the dimension {math.prod(products.shape)} of the input of shape "
+            f"{products.shape}; lower the rank"
         )
 
 

@@ -44,7 +44,7 @@ def text_direction(
     null_vectors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit T-LOCO direction [*shape] and its leakage under the source model."""
-    if source.shape != edit.shape or source.sigma != edit.sigma or not torch.equal(source.x, edit.x):
+    if source.shape != edit.shape or source.output_shape != edit.output_shape or source.sigma != edit.sigma or not torch.equal(source.x, edit.x):
         raise LocoError("source and edit products must be taken at the same latent and noise level")
 
     change = text_change(source.value(), edit.value(), mask)
