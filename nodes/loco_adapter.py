@@ -13,6 +13,7 @@ x = (1 - sigma) x0 + sigma * noise, and the same Euler step of the ODE applies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,8 @@ import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
+
+from ..loco_core import LocoError, saveable_weights
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,45 @@ def run_with_denoiser(
     noise = torch.zeros_like(latent)
     guider.sample(noise, latent, sampler, sigmas.float(), disable_pbar=True, seed=seed)
     return sampler.result
+
+
+def decoded_shape(vae, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape [B, C, H, W] of what ``vae`` decodes from a latent of ``latent_shape``."""
+    if getattr(vae, "latent_dim", 2) != 2 or len(latent_shape) != 4:
+        raise LocoError("mask_space 'decoded image' supports image VAEs only; use mask_space 'latent' for this model")
+    factor = vae.spacial_compression_decode()
+    batch, _, height, width = latent_shape
+    return (batch, vae.output_channels, height * factor, width * factor)
+
+
+def decoded_denoiser(model: comfy.model_patcher.ModelPatcher, vae, denoise):
+    """Wrap ``denoise`` so that it returns the x0 prediction decoded by the VAE: x -> decode(D(x)).
+
+    The wrapper returns the decoder's raw output, in its own range (about
+    -1..1 for Stable Diffusion) and without the clamp that VAEDecode applies,
+    because the clamp would zero the derivative of every saturated pixel.
+    """
+
+    def decode_prediction(x, sigma):
+        latent = model.model.process_latent_out(denoise(x, sigma))
+        image = vae.first_stage_model.decode(latent.to(device=vae.device, dtype=vae.vae_dtype))
+        return image.to(device=x.device, dtype=torch.float32)
+
+    return decode_prediction
+
+
+@contextlib.contextmanager
+def decoder_for_jacobian(vae):
+    """Load the VAE beside the running model and let reverse mode run through its weights.
+
+    Its inference-tensor weights are swapped for ordinary copies while the
+    block runs (one extra copy of the decoder's weights) and restored after.
+    """
+    # NOTE: only run on the CPU so far. On a GPU with little free memory,
+    # loading the VAE here may offload part of the diffusion model.
+    comfy.model_management.load_models_gpu([vae.patcher])
+    with saveable_weights(vae.first_stage_model):
+        yield
 
 
 def model_space_to_latent(model: comfy.model_patcher.ModelPatcher, samples: torch.Tensor) -> torch.Tensor:

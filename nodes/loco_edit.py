@@ -8,6 +8,7 @@ latents for VAEDecode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -34,8 +35,15 @@ from ..loco_core import (
     transfer,
 )
 from ..loco_core.jacobian import JVP_STRATEGIES, VJP_STRATEGIES
-from .loco_adapter import model_fingerprint, model_space_to_latent, run_with_denoiser
-from .loco_masks import mask_to_latent
+from .loco_adapter import (
+    decoded_denoiser,
+    decoded_shape,
+    decoder_for_jacobian,
+    model_fingerprint,
+    model_space_to_latent,
+    run_with_denoiser,
+)
+from .loco_masks import mask_to_decoded, mask_to_latent
 from .loco_preview import directions_preview
 from .loco_types import Directions, InvertedLatent, Inversion
 
@@ -45,6 +53,9 @@ CATEGORY = "LOCO/edit"
 # Inversion follows the ODE well only at low guidance; past this CFG scale it
 # drifts and the plain decode no longer matches the input.
 HIGH_INVERSION_CFG = 2.0
+# The spaces in which a mask selects rows of the Jacobian: the latent the
+# model denoises, or the image the VAE decodes from the x0 prediction.
+MASK_SPACES = ("latent", "decoded image")
 
 
 class Progress:
@@ -161,6 +172,46 @@ def _cfg_input(default: float = 1.0) -> io.Float.Input:
     )
 
 
+def _mask_space_inputs() -> list:
+    return [
+        io.Combo.Input(
+            "mask_space", options=list(MASK_SPACES), default="latent", optional=True,
+            tooltip="Where the mask acts. latent: on the x0 prediction in latent space (fast). decoded image: on the "
+            "prediction decoded by the vae, pixel by pixel; every Jacobian product then also runs the VAE decoder, "
+            "which costs time and memory.",
+        ),
+        io.Vae.Input("vae", optional=True, tooltip="The model's VAE; needed when mask_space is 'decoded image'."),
+    ]
+
+
+def _check_vae(mask_space: str, vae) -> None:
+    if mask_space != "latent" and vae is None:
+        raise LocoError(
+            f"mask_space is {mask_space!r} but no vae is connected; connect the model's VAE or use mask_space 'latent'"
+        )
+
+
+def _mask_weights(mask, inversion: InvertedLatent, batch_index: int, mask_space: str, vae) -> torch.Tensor:
+    _check_vae(mask_space, vae)
+    if mask_space == "latent":
+        return mask_to_latent(mask, inversion.shape, batch_index)
+    return mask_to_decoded(mask, decoded_shape(vae, inversion.shape), batch_index)
+
+
+def _jacobian_products(space, model, x: torch.Tensor, sigma: float, mask_space: str, vae, **strategies) -> JacobianProducts:
+    """Build the Jacobian products at x, through the VAE decoder when the mask acts on the decoded image."""
+    denoise = space.differentiable_denoise
+    output_shape = None
+    if mask_space != "latent":
+        denoise = decoded_denoiser(model, vae, denoise)
+        output_shape = decoded_shape(vae, tuple(x.shape))[1:]
+    return JacobianProducts(denoise, x.to(space.latent.device).float(), sigma, output_shape=output_shape, **strategies)
+
+
+def _jacobian_context(mask_space: str, vae):
+    return contextlib.nullcontext() if mask_space == "latent" else decoder_for_jacobian(vae)
+
+
 def _clean_latent(latent, image, vae) -> torch.Tensor:
     """Return the latent to invert, from a LATENT or from an IMAGE encoded by a VAE (exactly one of the two)."""
     if latent is not None and image is not None:
@@ -234,7 +285,10 @@ class LOCOFindDirections(io.ComfyNode):
             inputs=[
                 *_model_inputs(),
                 Inversion.Input("inversion", tooltip="Output of LOCO Invert to Edit Level."),
-                io.Mask.Input("mask", tooltip="Region to edit: white inside. Latent size, or image size (a multiple of it)."),
+                io.Mask.Input(
+                    "mask", tooltip="Region to edit: white inside. Latent size or image size for mask_space 'latent', "
+                    "the decoded image's size for 'decoded image'.",
+                ),
                 io.Int.Input("rank", default=5, min=1, max=64, tooltip="Number of edit directions to find."),
                 io.Int.Input("null_rank", default=5, min=0, max=64, tooltip="Directions of the unmasked region to project out; 0 turns locality off."),
                 io.Int.Input("max_rounds", default=20, min=2, max=200, tooltip="Most subspace-iteration rounds; each costs one batched JVP and one VJP."),
@@ -251,6 +305,7 @@ class LOCOFindDirections(io.ComfyNode):
                     tooltip="How vector-Jacobian products are computed: reverse mode, or symmetric (J in place of J^T, "
                     "exact for an ideal denoiser). auto uses reverse and falls back to symmetric with a warning.",
                 ),
+                *_mask_space_inputs(),
             ],
             outputs=[
                 Directions.Output(display_name="directions", tooltip="The edit directions with their singular values and leakage."),
@@ -260,27 +315,26 @@ class LOCOFindDirections(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, inversion, mask, rank, null_rank, max_rounds, tolerance, seed, batch_index, jvp_strategy, cfg, vjp_strategy="auto") -> io.NodeOutput:
+    def execute(cls, model, positive, negative, inversion, mask, rank, null_rank, max_rounds, tolerance, seed, batch_index, jvp_strategy, cfg, vjp_strategy="auto", mask_space="latent", vae=None) -> io.NodeOutput:
         _check_model("the inversion", inversion.model_fingerprint, model)
         x = inversion.image(batch_index)
-        weights = mask_to_latent(mask, inversion.shape, batch_index)
+        weights = _mask_weights(mask, inversion, batch_index, mask_space, vae)
         progress = Progress(max_rounds * (2 if null_rank else 1))
         fingerprint = model_fingerprint(model)
 
         def task(space):
-            device = space.latent.device
-            products = JacobianProducts(
-                space.differentiable_denoise, x.to(device).float(), inversion.sigma,
-                jvp_strategy=jvp_strategy, vjp_strategy=vjp_strategy,
-            )
-            return find_directions(
-                products, weights.to(device), rank, null_rank,
-                max_rounds=max_rounds, tolerance=tolerance, seed=seed,
-                model_fingerprint=fingerprint, on_round=progress.step,
-            )
+            with _jacobian_context(mask_space, vae):
+                products = _jacobian_products(
+                    space, model, x, inversion.sigma, mask_space, vae, jvp_strategy=jvp_strategy, vjp_strategy=vjp_strategy
+                )
+                return find_directions(
+                    products, weights.to(space.latent.device), rank, null_rank,
+                    max_rounds=max_rounds, tolerance=tolerance, seed=seed,
+                    model_fingerprint=fingerprint, on_round=progress.step,
+                )
 
         found = run_with_denoiser(model, positive, negative, cfg, _empty_latent(inversion, 1), inversion.grid.flip(0), task, reverse_mode=True)
-        found.parameters.update({"edit_level": inversion.edit_level, "batch_index": batch_index, "cfg": cfg})
+        found.parameters.update({"edit_level": inversion.edit_level, "batch_index": batch_index, "cfg": cfg, "mask_space": mask_space})
         found = _directions_to_output(found)
         return io.NodeOutput(found, directions_preview(found.vectors, found.singular_values), _report(found))
 
@@ -420,22 +474,26 @@ class LOCOTransferDirections(io.ComfyNode):
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the target batch."),
                 _cfg_input(),
                 io.Mask.Input("mask", optional=True, tooltip="Region on the target; defaults to the mask the directions were found with."),
+                io.Vae.Input("vae", optional=True, tooltip="The model's VAE; needed for directions found with mask_space 'decoded image'."),
             ],
             outputs=[Directions.Output(display_name="directions", tooltip="The directions adapted to the target image.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, directions, inversion, null_rank, seed, batch_index, cfg, mask=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, directions, inversion, null_rank, seed, batch_index, cfg, mask=None, vae=None) -> io.NodeOutput:
         _check_shapes(directions, inversion)
         _check_model("the directions", directions.model_fingerprint, model)
         x = inversion.image(batch_index)
-        weights = directions.mask if mask is None else mask_to_latent(mask, inversion.shape, batch_index)
+        mask_space = directions.parameters.get("mask_space", "latent")
+        _check_vae(mask_space, vae)
+        weights = directions.mask if mask is None else _mask_weights(mask, inversion, batch_index, mask_space, vae)
         progress = Progress(20)
 
         def task(space):
             device = space.latent.device
-            target = JacobianProducts(space.differentiable_denoise, x.to(device).float(), inversion.sigma)
-            return transfer(directions.vectors.to(device), target, weights.to(device), null_rank=null_rank, seed=seed, on_round=progress.step)
+            with _jacobian_context(mask_space, vae):
+                target = _jacobian_products(space, model, x, inversion.sigma, mask_space, vae)
+                return transfer(directions.vectors.to(device), target, weights.to(device), null_rank=null_rank, seed=seed, on_round=progress.step)
 
         vectors, moved_leakage = run_with_denoiser(model, positive, negative, cfg, _empty_latent(inversion, 1), inversion.grid.flip(0), task, reverse_mode=True)
         moved = DirectionSet(
@@ -505,19 +563,20 @@ class LOCOTextDirection(io.ComfyNode):
                 *_model_inputs(),
                 io.Conditioning.Input("edit_positive", tooltip="Conditioning of the edit prompt, e.g. 'a smiling face'."),
                 Inversion.Input("inversion", tooltip="Output of LOCO Invert to Edit Level."),
-                io.Mask.Input("mask", tooltip="Region to edit: white inside."),
+                io.Mask.Input("mask", tooltip="Region to edit: white inside. Sizes as for LOCO Find Edit Directions."),
                 io.Int.Input("null_rank", default=5, min=0, max=64, tooltip="Source directions of the unmasked region to project out; 0 turns locality off."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the random start block."),
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the inverted batch."),
                 _cfg_input(),
+                *_mask_space_inputs(),
             ],
             outputs=[Directions.Output(display_name="directions", tooltip="A set holding the one text-supervised direction.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, edit_positive, inversion, mask, null_rank, seed, batch_index, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, edit_positive, inversion, mask, null_rank, seed, batch_index, cfg, mask_space="latent", vae=None) -> io.NodeOutput:
         x = inversion.image(batch_index)
-        weights = mask_to_latent(mask, inversion.shape, batch_index)
+        weights = _mask_weights(mask, inversion, batch_index, mask_space, vae)
         progress = Progress(20 + 2)
         grid = inversion.grid.flip(0)
         latent = _empty_latent(inversion, 1)
@@ -526,27 +585,30 @@ class LOCOTextDirection(io.ComfyNode):
         # source and edit denoisers take turns: source first (value and null
         # space), then edit (value and pull-back), then source (leakage).
         def source_task(space):
-            products = JacobianProducts(space.differentiable_denoise, x.to(space.latent.device).float(), inversion.sigma)
-            null = None
-            if null_rank > 0:
-                null = masked_subspace(products, 1 - weights.to(space.latent.device), null_rank, seed=seed, on_round=progress.step).vectors
-            return products.value(), null
+            with _jacobian_context(mask_space, vae):
+                products = _jacobian_products(space, model, x, inversion.sigma, mask_space, vae)
+                null = None
+                if null_rank > 0:
+                    null = masked_subspace(products, 1 - weights.to(space.latent.device), null_rank, seed=seed, on_round=progress.step).vectors
+                return products.value(), null
 
         source_value, null_vectors = run_with_denoiser(model, positive, negative, cfg, latent, grid, source_task, reverse_mode=True)
 
         def edit_task(space):
             device = space.latent.device
-            products = JacobianProducts(space.differentiable_denoise, x.to(device).float(), inversion.sigma)
-            change = text_change(source_value.to(device), products.value(), weights.to(device))
-            progress.step()
-            return pull_back(products, change, None if null_vectors is None else null_vectors.to(device))
+            with _jacobian_context(mask_space, vae):
+                products = _jacobian_products(space, model, x, inversion.sigma, mask_space, vae)
+                change = text_change(source_value.to(device), products.value(), weights.to(device))
+                progress.step()
+                return pull_back(products, change, None if null_vectors is None else null_vectors.to(device))
 
         vector = run_with_denoiser(model, edit_positive, negative, cfg, latent, grid, edit_task, reverse_mode=True)
 
         def leakage_task(space):
-            products = JacobianProducts(space.differentiable_denoise, x.to(space.latent.device).float(), inversion.sigma)
-            progress.step()
-            return leakage(products, vector.to(space.latent.device), weights.to(space.latent.device))
+            with _jacobian_context(mask_space, vae):
+                products = _jacobian_products(space, model, x, inversion.sigma, mask_space, vae)
+                progress.step()
+                return leakage(products, vector.to(space.latent.device), weights.to(space.latent.device))
 
         vector_leakage = run_with_denoiser(model, positive, negative, cfg, latent, grid, leakage_task)
         found = DirectionSet(
@@ -555,7 +617,10 @@ class LOCOTextDirection(io.ComfyNode):
             sigma=inversion.sigma,
             mask=_to_output(weights).float(),
             model_fingerprint=model_fingerprint(model),
-            parameters={"method": "t-loco", "null_rank": null_rank, "seed": seed, "batch_index": batch_index, "cfg": cfg},
+            parameters={
+                "method": "t-loco", "null_rank": null_rank, "seed": seed, "batch_index": batch_index, "cfg": cfg,
+                "mask_space": mask_space,
+            },
             leakage_after=_to_output(vector_leakage).float(),
         )
         return io.NodeOutput(found)

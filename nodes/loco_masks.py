@@ -1,4 +1,4 @@
-"""Bring a ComfyUI MASK to the grid where the Jacobian is taken (the latent).
+"""Bring a ComfyUI MASK to the grid where the Jacobian is taken: the latent, or the VAE's decoded image.
 
 Policy:
 - Rank: [H, W], [B, H, W] and [B, 1, H, W] are accepted, any numeric dtype.
@@ -11,6 +11,9 @@ Policy:
   height and width, as 8 for Stable Diffusion) is area-averaged down to the
   latent grid. Any other size is an error, because stretching would move the
   edit region.
+- Decoded image: when the mask acts on the VAE decoder's output, a mask of
+  the decoded image's size is used as it is, and an integer multiple of it
+  is area-averaged down the same way.
 """
 
 import torch
@@ -21,7 +24,16 @@ from ..loco_core import LocoError
 
 def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, ...], batch_index: int = 0) -> torch.Tensor:
     """Weights [1, h, w] in [0, 1] for image ``batch_index`` of a latent [B, C, h, w]."""
-    batch, _, height, width = latent_shape
+    return _select(mask, latent_shape, batch_index, "latent")
+
+
+def mask_to_decoded(mask: torch.Tensor, decoded_shape: tuple[int, ...], batch_index: int = 0) -> torch.Tensor:
+    """Weights [1, H, W] in [0, 1] for image ``batch_index`` of a decoded batch [B, C, H, W]."""
+    return _select(mask, decoded_shape, batch_index, "decoded image")
+
+
+def _select(mask: torch.Tensor, grid_shape: tuple[int, ...], batch_index: int, grid_name: str) -> torch.Tensor:
+    batch, _, height, width = grid_shape
     weights = _as_float(mask)
 
     if weights.ndim == 2:
@@ -35,11 +47,11 @@ def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, ...], batch_inde
         weights = weights[batch_index : batch_index + 1]
     elif weights.shape[0] != 1:
         raise LocoError(
-            f"MASK batch of {weights.shape[0]} does not match the latent batch of {batch}; "
+            f"MASK batch of {weights.shape[0]} does not match the image batch of {batch}; "
             "give one mask for all images or one per image"
         )
 
-    return _resize(weights, height, width)
+    return _resize(weights, height, width, grid_name)
 
 
 def _as_float(mask: torch.Tensor) -> torch.Tensor:
@@ -56,17 +68,21 @@ def _as_float(mask: torch.Tensor) -> torch.Tensor:
     return weights
 
 
-def _resize(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _resize(weights: torch.Tensor, height: int, width: int, grid_name: str) -> torch.Tensor:
     mask_height, mask_width = weights.shape[-2:]
     if (mask_height, mask_width) == (height, width):
         return weights.clone()
 
     factor = mask_height // height
     exact = factor >= 1 and mask_height == factor * height and mask_width == factor * width
-    if not exact:
-        raise LocoError(
-            f"MASK is {mask_width}x{mask_height} but the latent is {width}x{height}; use a {width}x{height} mask "
-            f"or one of the image's size, an integer multiple such as {8 * width}x{8 * height} for a VAE "
-            "that downscales by 8"
+    if exact:
+        return F.avg_pool2d(weights[:, None], kernel_size=factor)[:, 0]
+
+    if grid_name == "latent":
+        hint = (
+            f"use a {width}x{height} mask or one of the image's size, an integer multiple such as "
+            f"{8 * width}x{8 * height} for a VAE that downscales by 8"
         )
-    return F.avg_pool2d(weights[:, None], kernel_size=factor)[:, 0]
+    else:
+        hint = f"use a mask of the decoded image's size, {width}x{height}"
+    raise LocoError(f"MASK is {mask_width}x{mask_height} but the {grid_name} is {width}x{height}; {hint}")
