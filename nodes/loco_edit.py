@@ -475,25 +475,32 @@ class LOCOTransferDirections(io.ComfyNode):
                 _cfg_input(),
                 io.Mask.Input("mask", optional=True, tooltip="Region on the target; defaults to the mask the directions were found with."),
                 io.Vae.Input("vae", optional=True, tooltip="The model's VAE; needed for directions found with mask_space 'decoded image'."),
+                io.Int.Input(
+                    "max_rounds", default=20, min=2, max=200, optional=True,
+                    tooltip="Most subspace-iteration rounds for the target's unmasked-region directions.",
+                ),
             ],
             outputs=[Directions.Output(display_name="directions", tooltip="The directions adapted to the target image.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, directions, inversion, null_rank, seed, batch_index, cfg, mask=None, vae=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, directions, inversion, null_rank, seed, batch_index, cfg, mask=None, vae=None, max_rounds=20) -> io.NodeOutput:
         _check_shapes(directions, inversion)
         _check_model("the directions", directions.model_fingerprint, model)
         x = inversion.image(batch_index)
         mask_space = directions.parameters.get("mask_space", "latent")
         _check_vae(mask_space, vae)
         weights = directions.mask if mask is None else _mask_weights(mask, inversion, batch_index, mask_space, vae)
-        progress = Progress(20)
+        progress = Progress(max_rounds)
 
         def task(space):
             device = space.latent.device
             with _jacobian_context(mask_space, vae):
                 target = _jacobian_products(space, model, x, inversion.sigma, mask_space, vae)
-                return transfer(directions.vectors.to(device), target, weights.to(device), null_rank=null_rank, seed=seed, on_round=progress.step)
+                return transfer(
+                    directions.vectors.to(device), target, weights.to(device),
+                    null_rank=null_rank, max_rounds=max_rounds, seed=seed, on_round=progress.step,
+                )
 
         vectors, moved_leakage = run_with_denoiser(model, positive, negative, cfg, _empty_latent(inversion, 1), inversion.grid.flip(0), task, reverse_mode=True)
         moved = DirectionSet(
@@ -502,7 +509,10 @@ class LOCOTransferDirections(io.ComfyNode):
             sigma=inversion.sigma,
             mask=_to_output(weights).float(),
             model_fingerprint=model_fingerprint(model),
-            parameters={**directions.parameters, "transferred": {"null_rank": null_rank, "seed": seed, "batch_index": batch_index}},
+            parameters={
+                **directions.parameters,
+                "transferred": {"null_rank": null_rank, "max_rounds": max_rounds, "seed": seed, "batch_index": batch_index},
+            },
             leakage_after=_to_output(moved_leakage).float(),
         )
         return io.NodeOutput(moved)

@@ -75,11 +75,12 @@ def test_transfer_keeps_the_decoded_mask_space(comfy, decoded_run):
     prompt["41"] = {"class_type": "LOCOInvert", "inputs": {**prompt["10"]["inputs"], "latent": ["40", 0]}}
     prompt["42"] = {"class_type": "LOCOTransferDirections", "inputs": {
         **shared, "directions": ["14", 0], "inversion": ["41", 0], "null_rank": 3, "seed": 0, "batch_index": 0,
-        "vae": ["30", 0]}}
+        "vae": ["30", 0], "max_rounds": 4}}
 
     moved = comfy.run(prompt, targets=["42"]).values("42")[0]
 
     assert moved.parameters["mask_space"] == "decoded image"
+    assert moved.parameters["transferred"]["max_rounds"] == 4
     assert moved.mask.shape == (3, 64, 64)
     assert torch.isfinite(moved.vectors).all()
     assert moved.leakage_after.shape == (3,)
