@@ -13,6 +13,10 @@ prompt executed outside its own stage:
               route the LOCO nodes use: the unit of cost (median of repeats)
 4. invert     LOCOInvert to the edit level
 5. find       LOCOFindDirections inside a centred square mask
+   find_decoded   with --decoded only: the same search with mask_space
+              'decoded image' through a full-size SD1.5 VAE (LOCOTestSDVAEFull,
+              random weights, built inside this stage), so every Jacobian
+              product also runs the VAE decoder
 6. apply      LOCOApplyEdit with the first direction
 
 Time is the wall-clock time of ``session.run`` and the CPU time of this
@@ -58,7 +62,7 @@ logger = logging.getLogger("bench_loco_sd15")
 PIXELS_PER_LATENT = 8
 SIZE_MULTIPLE = 64
 MEMORY_SAMPLE_SECONDS = 0.02
-STAGE_NAMES = ("build", "latent", "forward", "invert", "find", "apply")
+STAGE_NAMES = ("build", "latent", "forward", "invert", "find", "find_decoded", "apply")
 
 
 class StageLogRecords(logging.Handler):
@@ -163,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", choices=STAGE_NAMES, default=STAGE_NAMES[-1],
                         help="last stage to run, e.g. 'forward' to time one denoiser call at a large --size; "
                         "default apply (all stages)")
+    parser.add_argument("--decoded", action="store_true",
+                        help="also time LOCOFindDirections with the mask on the VAE-decoded image")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -216,6 +222,12 @@ def stage_prompts(args: argparse.Namespace) -> list[tuple[str, dict, list[str]]]
             **shared, "inversion": ["inversion", 0], "mask": ["mask", 0], "rank": args.rank,
             "null_rank": args.null_rank, "max_rounds": args.max_rounds, "tolerance": args.tolerance,
             "seed": 0, "batch_index": 0, "jvp_strategy": args.jvp_strategy}}}, ["directions"]))
+    if args.decoded:
+        stages.append(("find_decoded", {
+            "vae": {"class_type": "LOCOTestSDVAEFull", "inputs": {"seed": args.model_seed}},
+            "directions_decoded": {"class_type": "LOCOFindDirections", "inputs": {
+                **stages[-1][1]["directions"]["inputs"], "mask_space": "decoded image", "vae": ["vae", 0]}},
+        }, ["directions_decoded"]))
     stages.append(("apply", {"edited": {"class_type": "LOCOApplyEdit", "inputs": {
         **shared, "inversion": ["inversion", 0], "directions": ["directions", 0], "direction_index": 0,
         "strength": args.strength, "direction_weights": ""}}}, ["edited"]))
@@ -369,8 +381,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             unexpected = set(result.executed) - set(nodes)
             if unexpected:
                 notes.append(f"also executed {sorted(unexpected)}")
-            if name == "find":
-                report_text = result.values("directions")[2]
+            if name in ("find", "find_decoded"):
+                report_text = result.values("directions" if name == "find" else "directions_decoded")[2]
                 stage.report = json.loads(report_text)
                 notes.append(find_notes(report_text))
             if name == "apply":
