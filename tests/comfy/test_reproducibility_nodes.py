@@ -280,52 +280,24 @@ def test_load_noise_missing_file_named(comfy):
 # --- CLIP vision embeddings ----------------------------------------------------------------
 
 
-def tiny_clip_vision(tmp_path):
-    """A real comfy.clip_vision.ClipVisionModel with a two-layer 32x32 configuration and seeded weights."""
-    import comfy.clip_vision
+def test_embedding_metric_with_clip_vision(comfy, tiny_comparison):
+    # A small ComfyUI ClipVisionModel from the test node pack, because no
+    # CLIP vision checkpoint is available offline.
+    prompt = tiny_models_prompt(batch_size=1)
+    prompt["clip_vision"] = {"class_type": "LOCOTestTinyCLIPVision", "inputs": {"seed": 0}}
+    prompt["compare"]["inputs"].update(metric="embedding_cosine", clip_vision=["clip_vision", 0])
 
-    config = {
-        "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
-        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
-        "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
-        "patch_size": 8, "projection_dim": 16, "torch_dtype": "float32",
-    }
-    config_path = tmp_path / "tiny_clip_vision.json"
-    config_path.write_text(json.dumps(config))
-    clip_vision = comfy.clip_vision.ClipVisionModel(str(config_path))
+    output = comparison_outputs(comfy.run(prompt, targets=["compare"]))
 
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {}
-    for name, tensor in clip_vision.get_sd().items():
-        if "layer_norm" in name or "layrnorm" in name:
-            state_dict[name] = torch.ones_like(tensor) if name.endswith("weight") else torch.zeros_like(tensor)
-        else:
-            state_dict[name] = 0.2 * torch.randn(tensor.shape, generator=generator)
-    missing, unexpected = clip_vision.load_sd(state_dict)
-    assert not missing
-    assert not unexpected
-    return clip_vision
-
-
-def test_embedding_metric_with_clip_vision(comfy, tiny_comparison, tmp_path):
-    # No CLIP vision checkpoint is available offline and ComfyUI's loader only
-    # detects full-size ones, so the node is called directly with a small
-    # ComfyUI ClipVisionModel and the model list and noise of a real run.
-    result = comfy.run(tiny_models_prompt(batch_size=1), targets=["compare"])
-    models, noise = result.values("entry_b")[0], result.values("noise")[0]
-    node = comfy.node_class("LOCOCompareModels")
-    output = node.execute(
-        models=models, noise=noise, sampler_name="euler", scheduler="normal", steps=TINY_STEPS, cfg=1.0,
-        batch_size=1, metric="embedding_cosine", null_quantile=0.99, memorization_threshold_mode="calibrate",
-        memorization_threshold=0.9, clip_vision=tiny_clip_vision(tmp_path),
-    )
-    report = json.loads(output[4])
-    assert torch.equal(output[3], tiny_comparison["samples"])
+    report = output["report"]
+    assert torch.equal(output["samples"], tiny_comparison["samples"])
     entry = report["metrics"]["embedding_cosine"]
     assert entry["null_pairs"] == 6
     assert all(-1.0 - 1e-9 <= value <= 1.0 + 1e-9 for value in entry["pairs"][0]["matched_similarity"])
     assert report["shown_metric"] == "embedding_cosine"
-    assert "metric embedding_cosine" in output[5]
+    assert "metric embedding_cosine" in output["summary"]
+    # Different images must not all embed to the same vector.
+    assert len({round(value, 6) for value in entry["pairs"][0]["matched_similarity"]}) > 1
 
 
 def test_embedding_metric_without_clip_vision_rejected(comfy):
