@@ -142,8 +142,13 @@ def decoded_shape(vae, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape [B, C, H, W] of what ``vae`` decodes from a latent of ``latent_shape``."""
     if getattr(vae, "latent_dim", 2) != 2 or len(latent_shape) != 4:
         raise LocoError("mask_space 'decoded image' supports image VAEs only; use mask_space 'latent' for this model")
+    batch, channels, height, width = latent_shape
+    if vae.latent_channels != channels:
+        raise LocoError(
+            f"the vae decodes latents of {vae.latent_channels} channels but the model's latent has {channels}; "
+            "connect the VAE that belongs to the model"
+        )
     factor = vae.spacial_compression_decode()
-    batch, _, height, width = latent_shape
     return (batch, vae.output_channels, height * factor, width * factor)
 
 

@@ -117,3 +117,12 @@ def test_latent_sized_mask_rejected_for_decoded_image(comfy):
     prompt["14"]["inputs"]["mask"] = ["11", 0]
     with pytest.raises(PromptExecutionError, match="MASK is 8x8 but the decoded image is 64x64"):
         comfy.run(prompt, targets=["14"])
+
+
+def test_vae_of_another_latent_space_rejected(comfy):
+    from harness.inprocess import PromptExecutionError
+
+    prompt, _ = decoded_nodes()
+    prompt["30"] = {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}
+    with pytest.raises(PromptExecutionError, match="the vae decodes latents of 3 channels but the model's latent has 4"):
+        comfy.run(prompt, targets=["14"])
