@@ -119,7 +119,7 @@ DIFFUSION_SPECS = {
     "b": DiffusionSpec("loco_digits_b", "four-level UNet without attention, other seed, all 4,500 training digits",
                        ARCH_PLAIN, "train", steps=220, batch_size=32, learning_rate=2e-3, seed=2),
     "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
-                       ARCH_ATTENTION, "memorize", steps=3000, batch_size=32, learning_rate=2e-3, seed=3),
+                       ARCH_ATTENTION, "memorize", steps=6000, batch_size=32, learning_rate=2e-3, seed=3),
 }
 
 CNN_EPOCHS = 10
