@@ -126,3 +126,35 @@ def test_vae_of_another_latent_space_rejected(comfy):
     prompt["30"] = {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}
     with pytest.raises(PromptExecutionError, match="the vae decodes latents of 3 channels but the model's latent has 4"):
         comfy.run(prompt, targets=["14"])
+
+
+def test_identity_decoder_gives_latent_directions(comfy):
+    # The pixel-space VAE decodes a latent to itself, so on a pixel-space
+    # model both mask spaces take the same Jacobian and must agree.
+    import shutil
+
+    from harness.locate import PACK_ROOT
+
+    shutil.copy(PACK_ROOT / "assets" / "samples" / "digit_5.png", comfy.input_dir / "loco_digit_5.png")
+    prompt = {
+        "1": {"class_type": "LOCOLoadDiffusionModel", "inputs": {"model_name": "pack/loco_digits_a.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "loco_digit_5.png"}},
+        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
+        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 16, "height": 16}},
+        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 8, "y": 8, "operation": "add"}},
+    }
+    shared = {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "cfg": 1.0}
+    prompt["7"] = {"class_type": "LOCOInvert", "inputs": {**shared, "image": ["3", 0], "vae": ["2", 0], "edit_level": 0.6, "steps": 10}}
+    find = {**shared, "inversion": ["7", 0], "mask": ["6", 0], "rank": 2, "null_rank": 2, "max_rounds": 4,
+            "tolerance": 1e-3, "seed": 0, "batch_index": 0, "jvp_strategy": "auto"}
+    prompt["8"] = {"class_type": "LOCOFindDirections", "inputs": find}
+    prompt["9"] = {"class_type": "LOCOFindDirections", "inputs": {**find, "mask_space": "decoded image", "vae": ["2", 0]}}
+
+    result = comfy.run(prompt, targets=["8", "9"])
+
+    latent_directions = result.values("8")[0]
+    decoded_directions = result.values("9")[0]
+    assert decoded_directions.parameters["mask_space"] == "decoded image"
+    torch.testing.assert_close(decoded_directions.singular_values, latent_directions.singular_values, rtol=1e-4, atol=0)
+    torch.testing.assert_close(decoded_directions.vectors, latent_directions.vectors, rtol=0, atol=1e-4)
