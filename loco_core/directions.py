@@ -139,13 +139,7 @@ def find_directions(
 ) -> DirectionSet:
     """Edit directions inside ``mask`` at the point and noise level of ``products``."""
     weights = broadcast_mask(mask, products.output_shape)
-    if null_rank < 0:
-        raise LocoError(f"null_rank={null_rank} must be 0 or more")
-    if null_rank > 0 and bool((weights >= 1).all()):
-        raise LocoError(
-            "the mask covers the whole image, so there is no region outside it to protect; "
-            "set null_rank to 0 for global directions or paint a smaller mask"
-        )
+    check_null_rank(null_rank, weights)
 
     edit = masked_subspace(products, weights, rank, oversample, max_rounds, tolerance, seed, on_round=on_round)
     parameters = {
@@ -186,6 +180,25 @@ def find_directions(
         leakage_after=both[rank:],
         null_vectors=null.vectors,
     )
+
+
+def check_null_rank(null_rank: int, weights: torch.Tensor) -> None:
+    """Check null_rank against the region outside the mask before any product runs."""
+    if null_rank < 0:
+        raise LocoError(f"null_rank={null_rank} must be 0 or more")
+    if null_rank == 0:
+        return
+    outside = int((weights < 1).sum())
+    if outside == 0:
+        raise LocoError(
+            "the mask covers the whole image, so there is no region outside it to protect; "
+            "set null_rank to 0 for global directions or paint a smaller mask"
+        )
+    if null_rank > outside:
+        raise LocoError(
+            f"null_rank={null_rank} exceeds the dimension {outside} of the region outside the mask "
+            "(entries times channels); lower null_rank or paint a smaller mask"
+        )
 
 
 def compose(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -229,6 +242,7 @@ def transfer(
             "transfer between latents of the same size"
         )
     weights = broadcast_mask(mask, target.output_shape)
+    check_null_rank(null_rank, weights)
     block = block.to(device=target.x.device, dtype=torch.promote_types(target.x.dtype, torch.float32))
     norms = block.flatten(1).norm(dim=1)
     if bool((norms == 0).any()):

@@ -177,14 +177,23 @@ def _mask_space_inputs() -> list:
         io.Combo.Input(
             "mask_space", options=list(MASK_SPACES), default="latent", optional=True,
             tooltip="Where the mask acts. latent: on the x0 prediction in latent space (fast). decoded image: on the "
-            "prediction decoded by the vae, pixel by pixel; every Jacobian product then also runs the VAE decoder, "
-            "which costs time and memory.",
+            "prediction decoded by the vae, pixel by pixel (image VAEs only); every Jacobian product then also runs "
+            "the VAE decoder, which costs time and memory.",
         ),
-        io.Vae.Input("vae", optional=True, tooltip="The model's VAE; needed when mask_space is 'decoded image'."),
+        io.Vae.Input(
+            "vae", optional=True,
+            tooltip="The model's VAE; needed when mask_space is 'decoded image', unused for 'latent'.",
+        ),
     ]
 
 
-def _check_vae(mask_space: str, vae) -> None:
+def _check_mask_space(mask_space: str, vae) -> None:
+    # ComfyUI checks combo values only for some input forms, so a graph sent
+    # over the API can carry any string here.
+    if mask_space not in MASK_SPACES:
+        raise LocoError(f"mask_space {mask_space!r} is unknown; use one of {list(MASK_SPACES)}")
+    if mask_space == "latent" and vae is not None:
+        logger.warning("a vae is connected but mask_space is 'latent', so the vae is not used")
     if mask_space != "latent" and vae is None:
         raise LocoError(
             f"mask_space is {mask_space!r} but no vae is connected; connect the model's VAE or use mask_space 'latent'"
@@ -192,7 +201,7 @@ def _check_vae(mask_space: str, vae) -> None:
 
 
 def _mask_weights(mask, inversion: InvertedLatent, batch_index: int, mask_space: str, vae) -> torch.Tensor:
-    _check_vae(mask_space, vae)
+    _check_mask_space(mask_space, vae)
     if mask_space == "latent":
         return mask_to_latent(mask, inversion.shape, batch_index)
     return mask_to_decoded(mask, decoded_shape(vae, inversion.shape), batch_index)
@@ -212,7 +221,7 @@ def _jacobian_context(mask_space: str, vae):
     return contextlib.nullcontext() if mask_space == "latent" else decoder_for_jacobian(vae)
 
 
-def _clean_latent(latent, image, vae) -> torch.Tensor:
+def _clean_latent(model, latent, image, vae) -> torch.Tensor:
     """Return the latent to invert, from a LATENT or from an IMAGE encoded by a VAE (exactly one of the two)."""
     if latent is not None and image is not None:
         raise LocoError("both latent and image are connected; connect one of them")
@@ -228,6 +237,14 @@ def _clean_latent(latent, image, vae) -> torch.Tensor:
 
     if not bool(samples.abs().sum() > 0):
         raise LocoError("the latent to invert is all zeros; encode an image with VAEEncode first")
+
+    channels = model.get_model_object("latent_format").latent_channels
+    if samples.shape[1] != channels:
+        source = "the vae encodes" if image is not None else "the latent has"
+        raise LocoError(
+            f"{source} {samples.shape[1]} channels but the model works on {channels}; "
+            "use the VAE and latent that belong to the model"
+        )
     return samples
 
 
@@ -257,7 +274,7 @@ class LOCOInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, edit_level, steps, cfg, latent=None, image=None, vae=None) -> io.NodeOutput:
-        samples = _clean_latent(latent, image, vae)
+        samples = _clean_latent(model, latent, image, vae)
         if cfg > HIGH_INVERSION_CFG:
             logger.warning("inverting at cfg %.3g; above %.3g the inversion drifts, and cfg 1 is the usual choice", cfg, HIGH_INVERSION_CFG)
 
@@ -489,7 +506,7 @@ class LOCOTransferDirections(io.ComfyNode):
         _check_model("the directions", directions.model_fingerprint, model)
         x = inversion.image(batch_index)
         mask_space = directions.parameters.get("mask_space", "latent")
-        _check_vae(mask_space, vae)
+        _check_mask_space(mask_space, vae)
         weights = directions.mask if mask is None else _mask_weights(mask, inversion, batch_index, mask_space, vae)
         progress = Progress(max_rounds)
 

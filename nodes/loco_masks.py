@@ -80,8 +80,8 @@ def _resize(weights: torch.Tensor, height: int, width: int, grid_name: str) -> t
 
     if grid_name == "latent":
         hint = (
-            f"use a {width}x{height} mask or one of the image's size, an integer multiple such as "
-            f"{8 * width}x{8 * height} for a VAE that downscales by 8"
+            f"use a mask of the latent's size, {width}x{height}, or of the image's size, an integer multiple of it "
+            f"({8 * width}x{8 * height} for Stable Diffusion's VAE, which downscales by 8)"
         )
     else:
         hint = f"use a mask of the decoded image's size, {width}x{height}"

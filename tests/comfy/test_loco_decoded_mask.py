@@ -158,3 +158,36 @@ def test_identity_decoder_gives_latent_directions(comfy):
     assert decoded_directions.parameters["mask_space"] == "decoded image"
     torch.testing.assert_close(decoded_directions.singular_values, latent_directions.singular_values, rtol=1e-4, atol=0)
     torch.testing.assert_close(decoded_directions.vectors, latent_directions.vectors, rtol=0, atol=1e-4)
+
+
+def test_unknown_mask_space_rejected(comfy):
+    from harness.inprocess import PromptExecutionError, PromptValidationError
+
+    prompt, _ = decoded_nodes()
+    prompt["14"]["inputs"]["mask_space"] = "pixels"
+    with pytest.raises((PromptExecutionError, PromptValidationError), match="pixels"):
+        comfy.run(prompt, targets=["14"])
+
+
+def test_null_rank_above_outside_region_rejected(comfy):
+    from harness.inprocess import PromptExecutionError
+
+    prompt, _ = decoded_nodes()
+    # A full mask minus one pixel leaves 3 entries (three channels) outside.
+    prompt["11"]["inputs"]["value"] = 1.0
+    prompt["12"]["inputs"].update(value=0.0, width=1, height=1)
+    prompt["13"]["inputs"]["operation"] = "multiply"
+    prompt["14"]["inputs"]["null_rank"] = 5
+    with pytest.raises(PromptExecutionError, match="null_rank=5 exceeds the dimension 3 of the region outside the mask"):
+        comfy.run(prompt, targets=["14"])
+
+
+def test_invert_rejects_a_vae_of_another_latent_space(comfy):
+    from harness.inprocess import PromptExecutionError
+
+    prompt, shared = model_nodes()
+    prompt["30"] = {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}
+    prompt["31"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504}}
+    prompt["10"]["inputs"] = {**shared, "image": ["31", 0], "vae": ["30", 0], "edit_level": 0.6, "steps": 8}
+    with pytest.raises(PromptExecutionError, match="the vae encodes 3 channels but the model works on 4"):
+        comfy.run(prompt, targets=["10"])

@@ -194,6 +194,20 @@ def test_full_mask_with_null_rank_raises():
     assert global_directions.rank == 2
 
 
+def test_null_rank_above_outside_region_raises_early():
+    # One unmasked pixel gives an outside region of 3 entries (three channels).
+    model = regional_model()
+    products = JacobianProducts(model, model.sample(1, seed=1), SIGMA)
+    mask = torch.ones(8, 8)
+    mask[5, 5] = 0
+
+    with pytest.raises(LocoError, match="null_rank=5 exceeds the dimension 3 of the region outside the mask"):
+        find_directions(products, mask, rank=2, null_rank=5)
+    with pytest.raises(LocoError, match="null_rank=5 exceeds"):
+        transfer(torch.randn(3, 8, 8, dtype=torch.float64), products, mask, null_rank=5)
+    assert products.counter.forward_equivalents() == 0
+
+
 def test_direction_index_out_of_range_raises():
     model = regional_model()
     found = find_directions(JacobianProducts(model, model.sample(1, seed=1), SIGMA), region_mask(), rank=2, null_rank=0)
