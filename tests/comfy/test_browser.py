@@ -38,7 +38,7 @@ COMFY_ROOT, COMFY_REASON = find_comfyui()
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(COMFY_ROOT is None, reason=COMFY_REASON),
+    pytest.mark.skipif(COMFY_ROOT is None, reason=f"ComfyUI tier: {COMFY_REASON}"),
     pytest.mark.skipif(not CHROMIUM.exists(),
                        reason="no /usr/bin/chromium; install it with: apt-get install -y chromium"),
 ]
