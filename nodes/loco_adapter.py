@@ -139,7 +139,7 @@ def run_with_denoiser(
 
 
 def decoded_shape(vae, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape [B, C, H, W] of what ``vae`` decodes from a latent of ``latent_shape``."""
+    """Return the shape [B, C, H, W] that ``vae`` decodes from a latent of ``latent_shape``."""
     if getattr(vae, "latent_dim", 2) != 2 or len(latent_shape) != 4:
         raise LocoError("mask_space 'decoded image' supports image VAEs only; use mask_space 'latent' for this model")
     batch, channels, height, width = latent_shape

@@ -29,7 +29,7 @@ class LinearDecoder:
         return torch.nn.functional.conv2d(upsampled, self.kernel.to(latent.dtype), padding=self.kernel.shape[-1] // 2)
 
     def dense(self) -> torch.Tensor:
-        """The matrix of the map, [output entries, input entries]."""
+        """Return the matrix of the map, [output entries, input entries]."""
         basis = torch.eye(torch.Size(SHAPE).numel(), dtype=torch.float64).reshape(-1, *SHAPE)
         return self(basis).reshape(basis.shape[0], -1).T
 
