@@ -44,7 +44,9 @@ def text_direction(
     null_vectors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit T-LOCO direction [*shape] and its leakage under the source model."""
-    if source.shape != edit.shape or source.output_shape != edit.output_shape or source.sigma != edit.sigma or not torch.equal(source.x, edit.x):
+    same_point = source.sigma == edit.sigma and torch.equal(source.x, edit.x)
+    same_shapes = source.shape == edit.shape and source.output_shape == edit.output_shape
+    if not (same_point and same_shapes):
         raise LocoError("source and edit products must be taken at the same latent and noise level")
 
     change = text_change(source.value(), edit.value(), mask)

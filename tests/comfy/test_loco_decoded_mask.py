@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from test_loco_nodes import apply_node, model_nodes
+from test_loco_nodes import apply_node, digit_nodes, model_nodes
 
 PIXEL_SQUARE = (slice(16, 48), slice(16, 48))
 
@@ -109,7 +109,7 @@ def test_decoded_mask_space_needs_a_vae(comfy):
         comfy.run(prompt, targets=["14"])
 
 
-def test_latent_sized_mask_rejected_for_decoded_image(comfy):
+def test_decoded_rejects_latent_sized_mask(comfy):
     from harness.inprocess import PromptExecutionError
 
     prompt, _ = decoded_nodes()
@@ -119,7 +119,7 @@ def test_latent_sized_mask_rejected_for_decoded_image(comfy):
         comfy.run(prompt, targets=["14"])
 
 
-def test_vae_of_another_latent_space_rejected(comfy):
+def test_decoded_rejects_foreign_vae(comfy):
     from harness.inprocess import PromptExecutionError
 
     prompt, _ = decoded_nodes()
@@ -131,21 +131,7 @@ def test_vae_of_another_latent_space_rejected(comfy):
 def test_identity_decoder_gives_latent_directions(comfy):
     # The pixel-space VAE decodes a latent to itself, so on a pixel-space
     # model both mask spaces take the same Jacobian and must agree.
-    import shutil
-
-    from harness.locate import PACK_ROOT
-
-    shutil.copy(PACK_ROOT / "assets" / "samples" / "digit_5.png", comfy.input_dir / "loco_digit_5.png")
-    prompt = {
-        "1": {"class_type": "LOCOLoadDiffusionModel", "inputs": {"model_name": "pack/loco_digits_a.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "3": {"class_type": "LoadImage", "inputs": {"image": "loco_digit_5.png"}},
-        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
-        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 16, "height": 16}},
-        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 8, "y": 8, "operation": "add"}},
-    }
-    shared = {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "cfg": 1.0}
-    prompt["7"] = {"class_type": "LOCOInvert", "inputs": {**shared, "image": ["3", 0], "vae": ["2", 0], "edit_level": 0.6, "steps": 10}}
+    prompt, shared = digit_nodes(comfy, digit=5, box=(8, 8, 16, 16), invert_steps=10)
     find = {**shared, "inversion": ["7", 0], "mask": ["6", 0], "rank": 2, "null_rank": 2, "max_rounds": 4,
             "tolerance": 1e-3, "seed": 0, "batch_index": 0, "jvp_strategy": "auto"}
     prompt["8"] = {"class_type": "LOCOFindDirections", "inputs": find}
@@ -169,7 +155,7 @@ def test_unknown_mask_space_rejected(comfy):
         comfy.run(prompt, targets=["14"])
 
 
-def test_null_rank_above_outside_region_rejected(comfy):
+def test_null_rank_too_high_rejected(comfy):
     from harness.inprocess import PromptExecutionError
 
     prompt, _ = decoded_nodes()
@@ -182,7 +168,7 @@ def test_null_rank_above_outside_region_rejected(comfy):
         comfy.run(prompt, targets=["14"])
 
 
-def test_invert_rejects_a_vae_of_another_latent_space(comfy):
+def test_invert_rejects_foreign_vae(comfy):
     from harness.inprocess import PromptExecutionError
 
     prompt, shared = model_nodes()

@@ -258,24 +258,36 @@ def test_invert_needs_exactly_one_source(comfy):
         comfy.run(prompt, targets=["10"])
 
 
-def test_edit_digit_image_on_embedded_model(comfy):
-    # A real image through the pixel-space VAE: LoadImage -> LOCO Invert
-    # (image + vae) -> directions in the upper half -> sweep decoded to a grid.
+def digit_nodes(comfy, digit: int, box: tuple[int, int, int, int], invert_steps: int):
+    """Nodes 1-7: digit model A, the pixel-space VAE, a sample digit, a mask box and its inversion.
+
+    ``box`` is (x, y, width, height) of the white region in the 32x32 mask.
+    """
     import shutil
 
     from harness.locate import PACK_ROOT
 
-    shutil.copy(PACK_ROOT / "assets" / "samples" / "digit_3.png", comfy.input_dir / "loco_digit_3.png")
+    image_name = f"loco_digit_{digit}.png"
+    shutil.copy(PACK_ROOT / "assets" / "samples" / f"digit_{digit}.png", comfy.input_dir / image_name)
+    x, y, width, height = box
     prompt = {
         "1": {"class_type": "LOCOLoadDiffusionModel", "inputs": {"model_name": "pack/loco_digits_a.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "3": {"class_type": "LoadImage", "inputs": {"image": "loco_digit_3.png"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": image_name}},
         "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
-        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 16}},
-        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 0, "y": 0, "operation": "add"}},
+        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": width, "height": height}},
+        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": x, "y": y, "operation": "add"}},
     }
     shared = {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "cfg": 1.0}
-    prompt["7"] = {"class_type": "LOCOInvert", "inputs": {**shared, "image": ["3", 0], "vae": ["2", 0], "edit_level": 0.6, "steps": 20}}
+    prompt["7"] = {"class_type": "LOCOInvert", "inputs": {
+        **shared, "image": ["3", 0], "vae": ["2", 0], "edit_level": 0.6, "steps": invert_steps}}
+    return prompt, shared
+
+
+def test_edit_digit_image_on_embedded_model(comfy):
+    # A real image through the pixel-space VAE: LoadImage -> LOCO Invert
+    # (image + vae) -> directions in the upper half -> sweep decoded to a grid.
+    prompt, shared = digit_nodes(comfy, digit=3, box=(0, 0, 32, 16), invert_steps=20)
     prompt["8"] = {"class_type": "LOCOFindDirections", "inputs": {
         **shared, "inversion": ["7", 0], "mask": ["6", 0], "rank": 3, "null_rank": 3, "max_rounds": 8,
         "tolerance": 0.01, "seed": 0, "batch_index": 0, "jvp_strategy": "auto"}}

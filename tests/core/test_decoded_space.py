@@ -61,7 +61,7 @@ def setup():
     return model, decoder, x, products
 
 
-def test_subspace_through_decoder_matches_dense_svd():
+def test_decoder_subspace_matches_dense_svd():
     model, decoder, x, products = setup()
     rows = upper_left_mask().expand(OUTPUT_SHAPE).reshape(-1).to(torch.float64)
     _, values, right = torch.linalg.svd(rows[:, None] * dense_jacobian(model, decoder, x))
@@ -75,7 +75,7 @@ def test_subspace_through_decoder_matches_dense_svd():
     assert products.strategies == {"jvp": "forward", "vjp": "reverse"}
 
 
-def test_leakage_through_decoder_matches_dense_products():
+def test_decoder_leakage_matches_dense():
     # Variation partly confined to the region and partly shared with the
     # rest. The null rank covers the outside and shared directions (4 + 3).
     # A 1x1 kernel keeps the region's border sharp in the decoded image, so
@@ -108,7 +108,7 @@ def test_transfer_through_decoder_keeps_input_shape():
     torch.testing.assert_close(moved.reshape(2, -1).norm(dim=1), torch.ones(2, dtype=torch.float64))
 
 
-def test_mask_of_the_input_size_is_rejected():
+def test_input_sized_mask_raises():
     _, _, _, products = setup()
     with pytest.raises(LocoError, match="does not match"):
         masked_subspace(products, torch.ones(8, 8), rank=2)
@@ -133,7 +133,7 @@ def test_reverse_failure_skips_symmetric_fallback():
         products.vjp(torch.randn(1, *OUTPUT_SHAPE, dtype=torch.float64))
 
 
-def test_rank_above_the_input_dimension_is_rejected():
+def test_rank_above_input_dimension_raises():
     model, decoder, _, _ = setup()
     tiny = torch.randn(1, 1, 1, 1, dtype=torch.float64)
     products = JacobianProducts(lambda z, sigma: z.expand(-1, 1, 2, 2) * 2, tiny, SIGMA, output_shape=(1, 2, 2))

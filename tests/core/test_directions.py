@@ -194,7 +194,7 @@ def test_full_mask_with_null_rank_raises():
     assert global_directions.rank == 2
 
 
-def test_null_rank_above_outside_region_raises_early():
+def test_null_rank_too_high_raises_early():
     # One unmasked pixel gives an outside region of 3 entries (three channels).
     model = regional_model()
     products = JacobianProducts(model, model.sample(1, seed=1), SIGMA)
