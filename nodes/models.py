@@ -41,6 +41,10 @@ PACK_PREFIX = "pack/"
 DIFFUSION_FOLDER = "diffusion_models"
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# The metadata's model_type names the UNet's output: the noise (eps) or
+# alpha * noise - sigma * alpha * x0 (v). Files without the key predate v models.
+MODEL_TYPES = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}
+
 
 class PixelLatentFormat(comfy.latent_formats.LatentFormat):
     """Latent format of pixel-space models: 3 channels in -1..1, scale 1.0, identity preview."""
@@ -54,7 +58,7 @@ class PixelLatentFormat(comfy.latent_formats.LatentFormat):
 
 
 class UnconditionalModel(comfy.model_base.BaseModel):
-    """EPS model whose UNet has no cross-attention input.
+    """Model whose UNet has no cross-attention input.
 
     The conditioning's tensor is dropped before it reaches the UNet, so any
     CONDITIONING can feed KSampler's positive and negative inputs.
@@ -80,12 +84,13 @@ class PixelDiffusionConfig(comfy.supported_models_base.BASE):
     supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     memory_usage_factor = 1.0
 
-    def __init__(self, unet_config: dict, sampling_settings: dict):
+    def __init__(self, unet_config: dict, sampling_settings: dict, model_type: comfy.model_base.ModelType):
         super().__init__(unet_config)
         self.sampling_settings = dict(sampling_settings)
+        self.model_type = model_type
 
     def get_model(self, state_dict, prefix="", device=None):
-        return UnconditionalModel(self, model_type=comfy.model_base.ModelType.EPS, device=device)
+        return UnconditionalModel(self, model_type=self.model_type, device=device)
 
 
 # ---------------------------------------------------------------------------
@@ -152,8 +157,8 @@ def resolve_model_path(name: str) -> Path:
     return Path(full_path)
 
 
-def parse_model_metadata(metadata: dict[str, str], source: str) -> tuple[dict, dict]:
-    """Check the metadata of a pixel-diffusion file and return ``(unet_config, sampling_settings)``."""
+def parse_model_metadata(metadata: dict[str, str], source: str) -> tuple[dict, dict, comfy.model_base.ModelType]:
+    """Check the metadata of a pixel-diffusion file and return ``(unet_config, sampling_settings, model_type)``."""
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{source} has no '{FORMAT_NAME}' metadata (format={metadata.get('format')!r}); this loader "
@@ -166,8 +171,12 @@ def parse_model_metadata(metadata: dict[str, str], source: str) -> tuple[dict, d
             f"{source} has format_version {version!r}; this pack reads versions {SUPPORTED_FORMAT_VERSIONS}, "
             "update the pack"
         )
-    if metadata.get("model_type", "eps") != "eps":
-        raise ValueError(f"{source} has model_type {metadata['model_type']!r}; only 'eps' models are supported")
+    model_type = metadata.get("model_type", "eps")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"{source} has model_type {model_type!r}; this pack reads {sorted(MODEL_TYPES)}, "
+            "so re-save the file with one of them"
+        )
 
     parsed = {}
     for key in ("unet_config", "sampling_settings"):
@@ -186,7 +195,7 @@ def parse_model_metadata(metadata: dict[str, str], source: str) -> tuple[dict, d
             f"{source} describes a UNet with in_channels={unet_config.get('in_channels')} and "
             f"out_channels={unet_config.get('out_channels')}; pixel-space models need 3 and 3"
         )
-    return unet_config, parsed["sampling_settings"]
+    return unet_config, parsed["sampling_settings"], MODEL_TYPES[model_type]
 
 
 # ---------------------------------------------------------------------------
@@ -194,9 +203,10 @@ def parse_model_metadata(metadata: dict[str, str], source: str) -> tuple[dict, d
 
 
 def build_model(state_dict: dict[str, torch.Tensor], unet_config: dict, sampling_settings: dict,
-                weight_dtype: torch.dtype | None, source: str) -> comfy.model_patcher.ModelPatcher:
+                model_type: comfy.model_base.ModelType, weight_dtype: torch.dtype | None,
+                source: str) -> comfy.model_patcher.ModelPatcher:
     """Build a ModelPatcher the way comfy.sd.load_diffusion_model_state_dict does, without detection."""
-    model_config = PixelDiffusionConfig(unet_config, sampling_settings)
+    model_config = PixelDiffusionConfig(unet_config, sampling_settings, model_type)
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
 
@@ -238,9 +248,9 @@ def load_pixel_diffusion(path: Path, weight_dtype: torch.dtype | None = None) ->
         metadata = _read_metadata(path)
     except (OSError, ValueError, RuntimeError) as error:
         raise ValueError(f"{source} could not be read as safetensors: {error}") from error
-    unet_config, sampling_settings = parse_model_metadata(metadata, source)
+    unet_config, sampling_settings, model_type = parse_model_metadata(metadata, source)
     state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
-    return build_model(state_dict, unet_config, sampling_settings, weight_dtype, source)
+    return build_model(state_dict, unet_config, sampling_settings, model_type, weight_dtype, source)
 
 
 def unconditional_conditioning() -> list:
@@ -261,7 +271,7 @@ class LOCOLoadDiffusionModel(io.ComfyNode):
             display_name="LOCO Load Pixel Diffusion Model",
             category="LOCO/models",
             description=(
-                "Loads a small unconditional pixel-space diffusion model (epsilon prediction, ComfyUI UNet) whose "
+                "Loads a small unconditional pixel-space diffusion model (epsilon or v prediction, ComfyUI UNet) whose "
                 "configuration is stored in the file, as a MODEL. Lists the pack's embedded 32x32 digit models "
                 "(pack/...) and compatible files in models/diffusion_models. Use it with VAELoader 'pixel_space' and a "
                 "latent at image size: EmptyChromaRadianceLatentImage 32x32 (3 channels) or VAEEncode of 32x32 "
@@ -283,7 +293,7 @@ class LOCOLoadDiffusionModel(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output("model", display_name="model", tooltip="Pixel-space EPS diffusion MODEL, latents [B,3,H,W] in -1..1."),
+                io.Model.Output("model", display_name="model", tooltip="Pixel-space diffusion MODEL (epsilon or v prediction, as stored), latents [B,3,H,W] in -1..1."),
                 io.Conditioning.Output(
                     "conditioning", display_name="conditioning",
                     tooltip="Placeholder conditioning for KSampler's positive and negative inputs; the model is "

@@ -13,9 +13,11 @@ figures and model cards in docs/models/:
 
 The diffusion UNets are ComfyUI's own ``UNetModel`` class, trained with the
 noise schedule that ComfyUI's ``ModelSamplingDiscrete`` builds from the
-stored ``sampling_settings``, in the exact form ComfyUI's EPS sampling uses
-(x = x0 + sigma * noise, UNet input x / sqrt(sigma^2 + 1), integer timestep).
-Images are in -1..1, the range the stock ``pixel_space`` VAE produces.
+stored ``sampling_settings``, in the exact form ComfyUI's EPS and V_PREDICTION
+sampling use (x = x0 + sigma * noise, UNet input x / sqrt(sigma^2 + 1),
+integer timestep). The file's ``model_type`` metadata says which of the two
+the UNet predicts. Images are in -1..1, the range the stock ``pixel_space``
+VAE produces.
 
 Usage (CPU by default, CUDA when available; one thread per process):
 
@@ -108,6 +110,7 @@ class DiffusionSpec:
     seed: int
     ema_decay: float = 0.995
     warmup_steps: int = 50
+    prediction: str = "eps"
 
 
 ARCH_ATTENTION = unet_config(32, (1, 2, 2), 1, attention_levels={2}, middle_attention=True)
@@ -121,6 +124,9 @@ DIFFUSION_SPECS = {
     "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
                        ARCH_ATTENTION, "memorize", steps=6000, batch_size=32, learning_rate=2e-3, seed=3),
 }
+
+# Stored as the file's model_type; the loader maps it to ComfyUI's model type.
+OBJECTIVES = {"eps": "epsilon", "v": "v-prediction"}
 
 CNN_EPOCHS = 10
 CNN_BATCH_SIZE = 64
@@ -190,16 +196,32 @@ def build_unet(config: dict, device: torch.device) -> torch.nn.Module:
     return model.float()
 
 
-def predict_denoised(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """Return the x0 prediction the way ComfyUI's EPS model_sampling computes it."""
-    scale = (sigma ** 2 + 1.0).rsqrt().view(-1, 1, 1, 1)
-    eps = model(x * scale, timestep.float())
-    return x - eps * sigma.view(-1, 1, 1, 1)
+def predict_denoised(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor,
+                     prediction: str) -> torch.Tensor:
+    """Return the x0 prediction the way ComfyUI's EPS or V_PREDICTION model_sampling computes it."""
+    sigma = sigma.view(-1, 1, 1, 1)
+    scale = (sigma ** 2 + 1.0).rsqrt()
+    output = model(x * scale, timestep.float())
+    if prediction == "v":
+        return x * scale ** 2 - output * sigma * scale
+    return x - output * sigma
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """Return what the UNet learns to output for x = x0 + sigma * noise.
+
+    eps: the noise itself. v: alpha * noise - s * x0 with alpha = 1 / sqrt(sigma^2 + 1)
+    and s = sigma * alpha, the target that ComfyUI's V_PREDICTION inverts.
+    """
+    if prediction == "v":
+        scale = (sigma ** 2 + 1.0).rsqrt()
+        return scale * noise - sigma * scale * x0
+    return noise
 
 
 @torch.no_grad()
 def sample_ddim(model: torch.nn.Module, sigmas: torch.Tensor, count: int, steps: int, seed: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, prediction: str) -> torch.Tensor:
     """Sample with deterministic DDIM (the Euler step in sigma) on uniformly spaced timesteps.
 
     Returns images in -1..1 (clamped), shape [count, 3, 32, 32].
@@ -210,7 +232,7 @@ def sample_ddim(model: torch.nn.Module, sigmas: torch.Tensor, count: int, steps:
 
     for index, timestep in enumerate(timesteps.tolist()):
         sigma = sigmas[timestep].to(device).expand(count)
-        denoised = predict_denoised(model, x, sigma, torch.full((count,), timestep, device=device))
+        denoised = predict_denoised(model, x, sigma, torch.full((count,), timestep, device=device), prediction)
         sigma_next = sigmas[timesteps[index + 1]].item() if index + 1 < steps else 0.0
         x = denoised + (x - denoised) * (sigma_next / sigma.view(-1, 1, 1, 1))
     return x.clamp(-1.0, 1.0)
@@ -299,10 +321,11 @@ def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch
         noise = torch.randn(x0.shape, generator=generator).to(device)
         sigma = sigmas_device[timestep].view(-1, 1, 1, 1)
 
-        # The epsilon objective in ComfyUI's EPS parameterisation: the UNet gets
+        # ComfyUI's discrete parameterisation: the UNet gets
         # (x0 + sigma * noise) / sqrt(sigma^2 + 1) and the integer timestep.
         model_input = (x0 + sigma * noise) * (sigma ** 2 + 1.0).rsqrt()
-        loss = torch.nn.functional.mse_loss(model(model_input, timestep.float()), noise)
+        target = training_target(x0, noise, sigma, spec.prediction)
+        loss = torch.nn.functional.mse_loss(model(model_input, timestep.float()), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -321,7 +344,7 @@ def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch
             logger.info("%s step %d/%d loss %.4f (%.0f s)", spec.name, step + 1, spec.steps,
                         curve_losses[-1], time.time() - started)
         if args.preview_dir and (step + 1) % args.preview_every == 0:
-            preview = sample_ddim(ema, sigmas_device, 16, 20, seed=0, device=device)
+            preview = sample_ddim(ema, sigmas_device, 16, 20, seed=0, device=device, prediction=spec.prediction)
             save_grid((preview.cpu() + 1) / 2, Path(args.preview_dir) / f"{spec.name}_{step + 1:05d}.png")
 
     wall_seconds = time.time() - started
@@ -343,7 +366,7 @@ def save_diffusion(spec: DiffusionSpec, ema: torch.nn.Module, parameter_count: i
         "schedule": "linear warm-up, cosine decay",
         "ema_decay": spec.ema_decay,
         "seed": spec.seed,
-        "objective": "epsilon MSE, timesteps uniform over 0..999",
+        "objective": f"{OBJECTIVES[spec.prediction]} MSE, timesteps uniform over 0..999",
         "pixel_range": "-1..1",
         "parameters": parameter_count,
         "final_loss": curve_losses[-1],
@@ -360,7 +383,7 @@ def save_diffusion(spec: DiffusionSpec, ema: torch.nn.Module, parameter_count: i
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "model_type": "eps",
+        "model_type": spec.prediction,
         "latent_channels": "3",
         "description": spec.description,
         "unet_config": json.dumps(spec.unet),
@@ -374,10 +397,10 @@ def save_diffusion(spec: DiffusionSpec, ema: torch.nn.Module, parameter_count: i
 
     # The grid comes from the fp16 weights as saved, which is what ComfyUI loads.
     ema.load_state_dict({key: value.float() for key, value in state.items()})
-    samples = sample_ddim(ema, make_sigmas().to(device), 64, 50, seed=0, device=device)
+    samples = sample_ddim(ema, make_sigmas().to(device), 64, 50, seed=0, device=device, prediction=spec.prediction)
     save_grid((samples.cpu() + 1) / 2, Path(args.docs_dir) / f"{spec.name}_samples.png")
     save_loss_plot(curve_steps, curve_losses, Path(args.docs_dir) / f"{spec.name}_loss.png",
-                   f"{spec.name}: epsilon MSE (mean over {args.log_every} steps)")
+                   f"{spec.name}: {OBJECTIVES[spec.prediction]} MSE (mean over {args.log_every} steps)")
 
 
 def shift_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -112,11 +112,13 @@ def test_loader_builds_comfy_model(comfy, model_file):
     from comfy.model_base import BaseModel, ModelType
     from comfy.model_patcher import ModelPatcher
 
+    with safe_open(str(MODELS_DIR / f"{model_file}.safetensors"), framework="pt") as handle:
+        stored_type = handle.metadata()["model_type"]
     result = comfy.run(sampling_prompt(model_file, 1), targets=["1"])
     patcher, conditioning = result.values("1")
     assert isinstance(patcher, ModelPatcher)
     assert isinstance(patcher.model, BaseModel)
-    assert patcher.model.model_type == ModelType.EPS
+    assert patcher.model.model_type == {"eps": ModelType.EPS, "v": ModelType.V_PREDICTION}[stored_type]
     assert patcher.model.latent_format.latent_channels == 3
     assert patcher.model.latent_format.scale_factor == 1.0
     assert isinstance(conditioning, list)
@@ -137,31 +139,85 @@ def test_schedule_matches_closed_form(comfy, model_file):
     torch.testing.assert_close(sigmas, expected, rtol=1e-5, atol=0.0)
 
 
-@pytest.mark.parametrize("model_file", ("loco_digits_a", "loco_digits_b"))
-def test_denoiser_matches_training_parameterisation(comfy, model_file):
-    # The MODEL's x0 prediction must be the function the UNet was trained as:
-    # eps = UNet((x) / sqrt(sigma^2 + 1), t), x0 = x - sigma * eps, with t the
-    # integer timestep of sigma in ComfyUI's table.
+def closed_form_denoised(path: Path, x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor,
+                         model_type: str) -> torch.Tensor:
+    """Return the x0 prediction the file's UNet was trained for, computed without ComfyUI's model classes.
+
+    The UNet sees x / sqrt(sigma^2 + 1) and the integer timestep. For eps it
+    outputs the noise, x0 = x - sigma * out; for v it outputs
+    alpha * noise - sigma * alpha * x0 with alpha = 1 / sqrt(sigma^2 + 1), so
+    x0 = alpha^2 * x - sigma * alpha * out.
+    """
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    result = comfy.run(sampling_prompt(model_file, 1), targets=["1"])
-    model = result.values("1")[0].model
-    with safe_open(str(MODELS_DIR / f"{model_file}.safetensors"), framework="pt") as handle:
+    with safe_open(str(path), framework="pt") as handle:
         unet_config = json.loads(handle.metadata()["unet_config"])
         weights = {key: handle.get_tensor(key).float() for key in handle.keys()}
+    unet = UNetModel(**unet_config)
+    unet.load_state_dict(weights)
+
+    sigma = sigma.view(-1, 1, 1, 1)
+    alpha = (sigma ** 2 + 1).rsqrt()
+    out = unet(x * alpha, timestep.float())
+    if model_type == "v":
+        return alpha ** 2 * x - sigma * alpha * out
+    return x - sigma * out
+
+
+def denoiser_inputs(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=generator) * 3.0
+    timestep = torch.tensor([250, 900])
+    return x, timestep, model.model_sampling.sigmas[timestep]
+
+
+@pytest.mark.parametrize("model_file", DIFFUSION_MODELS)
+def test_denoiser_matches_training_parameterisation(comfy, model_file):
+    # The MODEL's x0 prediction must be the function the UNet was trained as,
+    # with t the integer timestep of sigma in ComfyUI's table.
+    path = MODELS_DIR / f"{model_file}.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        model_type = handle.metadata()["model_type"]
+    result = comfy.run(sampling_prompt(model_file, 1), targets=["1"])
+    model = result.values("1")[0].model
 
     with torch.inference_mode():
-        unet = UNetModel(**unet_config)
-        unet.load_state_dict(weights)
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, 32, 32, generator=generator) * 3.0
-        timestep = torch.tensor([250, 250])
-        sigma = model.model_sampling.sigmas[timestep]
-
+        x, timestep, sigma = denoiser_inputs(model)
         denoised = model.apply_model(x, sigma)
-        eps = unet(x / (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1), timestep.float())
-        expected = x - sigma.view(-1, 1, 1, 1) * eps
+        expected = closed_form_denoised(path, x, timestep, sigma, model_type)
     torch.testing.assert_close(denoised, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ("eps", "v"))
+def test_loader_reads_model_type(comfy, tmp_path, model_type):
+    # The same weights stored under each model_type: the loader must pick
+    # ComfyUI's matching model type, whose x0 prediction is the closed form.
+    from comfy.model_base import ModelType
+
+    module = loader_module()
+    with safe_open(str(MODELS_DIR / "loco_digits_b.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata(), model_type=model_type)
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    path = tmp_path / f"digits_{model_type}.safetensors"
+    save_file(weights, str(path), metadata=metadata)
+
+    model = module.load_pixel_diffusion(path, torch.float32).model
+    assert model.model_type == {"eps": ModelType.EPS, "v": ModelType.V_PREDICTION}[model_type]
+    with torch.inference_mode():
+        x, timestep, sigma = denoiser_inputs(model)
+        denoised = model.apply_model(x, sigma)
+        expected = closed_form_denoised(path, x, timestep, sigma, model_type)
+    torch.testing.assert_close(denoised, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loader_rejects_unknown_model_type(comfy, tmp_path):
+    module = loader_module()
+    with safe_open(str(MODELS_DIR / "loco_digits_b.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata(), model_type="flow")
+    path = tmp_path / "flow.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"model_type 'flow'; this pack reads \['eps', 'v'\]"):
+        module.load_pixel_diffusion(path)
 
 
 @pytest.mark.parametrize("model_file", DIFFUSION_MODELS)

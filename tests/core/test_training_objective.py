@@ -1,0 +1,64 @@
+"""The training script's targets against the x0 formulas that ComfyUI applies at sampling time.
+
+A UNet that outputs its training target exactly must give back the clean
+image through ``predict_denoised``. If it did not, the shipped models would
+be trained for one parameterisation and sampled with another.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_embedded.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_embedded", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses looks the defining module up in sys.modules.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+class ExactTarget(torch.nn.Module):
+    """A stand-in for a perfectly trained UNet, which outputs the training target of the hidden x0 and noise."""
+
+    def __init__(self, script, x0, noise, sigma, prediction):
+        super().__init__()
+        self.target = script.training_target(x0, noise, sigma.view(-1, 1, 1, 1), prediction)
+
+    def forward(self, scaled_input, timestep):
+        return self.target
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_exact_target_recovers_clean_image(script, prediction):
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 3, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(3, 3, 8, 8, generator=generator)
+    sigma = torch.tensor([0.03, 1.0, 14.6])
+    x = x0 + sigma.view(-1, 1, 1, 1) * noise
+
+    model = ExactTarget(script, x0, noise, sigma, prediction)
+    denoised = script.predict_denoised(model, x, sigma, torch.tensor([0, 500, 999]), prediction)
+    torch.testing.assert_close(denoised, x0, rtol=0, atol=1e-5)
+
+
+def test_v_target_has_unit_variance(script):
+    # v = alpha * noise - s * x0 with alpha^2 + s^2 = 1, so for x0 and noise
+    # of unit variance the target has unit variance at every noise level.
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.randn(20000, generator=generator)
+    noise = torch.randn(20000, generator=generator)
+    for sigma in (0.03, 1.0, 14.6):
+        target = script.training_target(x0, noise, torch.tensor(sigma), "v")
+        assert abs(target.var().item() - 1.0) < 0.05
+
