@@ -69,7 +69,8 @@ def shared_nodes(kind: str, start_seed: int, seeds: int) -> tuple[dict, list[str
     return nodes, model_ids, positive
 
 
-def comparison_prompt(kind: str, start_seed: int, seeds: int, steps: int, batch_size: int) -> dict:
+def comparison_prompt(kind: str, start_seed: int, seeds: int, steps: int, batch_size: int,
+                      batch_invariant: bool) -> dict:
     prompt, model_ids, positive = shared_nodes(kind, start_seed, seeds)
     prompt["entry_a"] = {"class_type": "LOCOComparisonModel",
                          "inputs": {"model": [model_ids[0], 0], "vae": ["vae", 0], "label": "A",
@@ -80,7 +81,7 @@ def comparison_prompt(kind: str, start_seed: int, seeds: int, steps: int, batch_
     prompt["compare"] = {"class_type": "LOCOCompareModels",
                          "inputs": {"models": ["entry_b", 0], "noise": ["noise", 0], "sampler_name": "euler",
                                     "scheduler": "karras", "steps": steps, "cfg": 1.0, "batch_size": batch_size,
-                                    "metric": "ssim", "null_quantile": 0.99,
+                                    "batch_invariant": batch_invariant, "metric": "ssim", "null_quantile": 0.99,
                                     "memorization_threshold_mode": "calibrate", "memorization_threshold": 0.9}}
     return prompt
 
@@ -118,6 +119,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="seeds per sampler call in the comparison; 0 = all seeds in one call like KSampler")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="set the comparison's batch_invariant input (one row per model call)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     args = parser.parse_args()
@@ -131,14 +134,16 @@ def main() -> int:
 
     with ComfySession() as session:
         # Warm-up: load the models and run both graphs once.
-        session.run(comparison_prompt(args.models, 10_000, 2, 2, batch_size), targets=["compare"])
+        warm_up = comparison_prompt(args.models, 10_000, 2, 2, batch_size, args.batch_invariant)
+        session.run(warm_up, targets=["compare"])
         session.run(plain_prompt(args.models, 10_000, 2, 2), targets=["decode_0", "decode_1"])
 
         comparison_times, plain_times = [], []
         for repeat in range(args.repeats):
             start_seed = 1_000 * (repeat + 1)
             comparison_times.append(timed_run(
-                session, comparison_prompt(args.models, start_seed, args.seeds, args.steps, batch_size),
+                session, comparison_prompt(args.models, start_seed, args.seeds, args.steps, batch_size,
+                                       args.batch_invariant),
                 ["compare"]))
             plain_times.append(timed_run(
                 session, plain_prompt(args.models, start_seed + 500, args.seeds, args.steps),
@@ -155,7 +160,7 @@ def main() -> int:
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device_name}")
     print(f"models {args.models}, {args.seeds} seeds x 2 models, {args.steps} steps, "
-          f"comparison batch size {batch_size}, {args.repeats} repeats")
+          f"comparison batch size {batch_size}, batch_invariant {args.batch_invariant}, {args.repeats} repeats")
     print(f"comparison node:   median {comparison:.2f} s ({format_times(comparison_times)}) = "
           f"{args.seeds / comparison:.2f} seeds/s")
     print(f"two KSampler runs: median {plain:.2f} s ({format_times(plain_times)}) = {args.seeds / plain:.2f} seeds/s")

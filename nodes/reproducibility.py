@@ -355,6 +355,7 @@ class SamplingSettings:
     cfg: float
     batch_size: int
     sigmas: torch.Tensor | None
+    batch_invariant: bool = False
 
 
 def _conditioning(entry: ComparisonModel) -> tuple[list, list]:
@@ -406,6 +407,56 @@ def _decode(entry: ComparisonModel, samples: torch.Tensor) -> torch.Tensor:
     return images[..., :3].movedim(-1, 1).to("cpu", torch.float32).clamp(0.0, 1.0)
 
 
+def _batch_row(value: Any, row: int, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[row : row + 1]
+    return value
+
+
+def _one_row_at_a_time(apply_model, args: dict) -> torch.Tensor:
+    """Model function wrapper that evaluates the batch row by row.
+
+    Batched CPU and GPU kernels may sum in another order than the same
+    kernel on one row, so a seed's result would depend on its neighbours in
+    the batch. One row per call makes every seed's arithmetic the same
+    whatever batch_size is, and, since cond and uncond rows are split too,
+    whatever the CFG batching.
+    """
+    x, timestep, conditions = args["input"], args["timestep"], args["c"]
+    if conditions.get("control") is not None:
+        raise ValueError(
+            "batch_invariant does not cover ControlNet conditioning, whose control signal is computed for the "
+            "whole batch; turn batch_invariant off or remove the ControlNet"
+        )
+
+    batch = x.shape[0]
+    rows = []
+    for row in range(batch):
+        row_conditions = {key: _batch_row(value, row, batch) for key, value in conditions.items()}
+        rows.append(apply_model(x[row : row + 1], timestep[row : row + 1], **row_conditions))
+    return torch.cat(rows)
+
+
+def _sampling_model(entry: ComparisonModel, settings: SamplingSettings):
+    """Return the model to sample: the entry's own, or a clone that runs one batch row at a time."""
+    if not settings.batch_invariant:
+        return entry.model
+    if "model_function_wrapper" in entry.model.model_options:
+        raise ValueError(
+            f"{entry.label}: the model already has a model function wrapper (set by another node), which "
+            "batch_invariant cannot split by rows; turn batch_invariant off for this comparison"
+        )
+    model = entry.model.clone()
+    model.set_model_unet_function_wrapper(_one_row_at_a_time)
+    return model
+
+
+def _decode_chunk(entry: ComparisonModel, samples: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    if not settings.batch_invariant:
+        return _decode(entry, samples)
+    return torch.cat([_decode(entry, samples[row : row + 1]) for row in range(samples.shape[0])])
+
+
 def sample_model(
     entry: ComparisonModel,
     noise: SeedNoise,
@@ -415,13 +466,14 @@ def sample_model(
 ) -> torch.Tensor:
     """Sample one model from the shared noise in batches of seeds and decode; returns images ``[S, 3, H, W]``."""
     positive, negative = _conditioning(entry)
+    model = _sampling_model(entry, settings)
     decoded = []
     for start in range(0, len(noise.seeds), settings.batch_size):
         comfy.model_management.throw_exception_if_processing_interrupted()
         chunk = noise.select(start, start + settings.batch_size)
         latent_image = torch.zeros_like(chunk.noise)
         samples = comfy.sample.sample(
-            entry.model,
+            model,
             chunk.noise,
             settings.steps,
             settings.cfg,
@@ -436,7 +488,7 @@ def sample_model(
             disable_pbar=True,
             seed=chunk.seeds[0],
         )
-        decoded.append(_decode(entry, samples))
+        decoded.append(_decode_chunk(entry, samples, settings))
         progress.update(len(chunk.seeds))
     return torch.cat(decoded)
 
@@ -518,6 +570,7 @@ def _run_settings(models, noise, settings, sigmas_per_model, comparison_size, re
         "cfg": settings.cfg,
         "denoise": 1.0,
         "batch_size": settings.batch_size,
+        "batch_invariant": settings.batch_invariant,
         "sigmas": sigma_lists,
         "sigmas_identical": all(torch.equal(first, sigmas) for sigmas in sigmas_per_model),
         "noise_shape": list(noise.shape),
@@ -575,8 +628,9 @@ class CompareModelsNode(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "batch_size", default=4, min=1, max=MAX_SEED_COUNT,
-                    tooltip="Seeds per sampler call; results do not depend on it. The interrupt is checked every "
-                    "sampler step.",
+                    tooltip="Seeds per sampler call. The noise does not depend on it; the results agree up to float "
+                    "rounding of batched kernels, or bit for bit with batch_invariant. The interrupt is checked "
+                    "every sampler step.",
                 ),
                 io.Combo.Input(
                     "metric", options=list(METRIC_CHOICES), default="ssim",
@@ -601,6 +655,11 @@ class CompareModelsNode(io.ComfyNode):
                 io.Sigmas.Input(
                     "sigmas", optional=True,
                     tooltip="Optional sigma schedule for every model, replacing scheduler and steps.",
+                ),
+                io.Boolean.Input(
+                    "batch_invariant", default=False, optional=True,
+                    tooltip="Run the model and the VAE one sample at a time inside each batch, so every seed's "
+                    "result is bit-identical whatever batch_size. Slower on GPUs; not with ControlNet conditioning.",
                 ),
                 io.ClipVision.Input(
                     "clip_vision", optional=True,
@@ -650,13 +709,14 @@ class CompareModelsNode(io.ComfyNode):
         memorization_threshold_mode,
         memorization_threshold,
         sigmas=None,
+        batch_invariant=False,
         clip_vision=None,
         training_images=None,
         training_folder="",
     ) -> io.NodeOutput:
         models = tuple(models)
         _check_request(models, noise, sampler_name, metric, clip_vision, sigmas)
-        settings = SamplingSettings(sampler_name, scheduler, steps, cfg, batch_size, sigmas)
+        settings = SamplingSettings(sampler_name, scheduler, steps, cfg, batch_size, sigmas, bool(batch_invariant))
         for entry in models:
             _check_latent_shape(entry, noise)
         training, training_source = _training_images(training_images, training_folder)

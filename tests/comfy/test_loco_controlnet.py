@@ -250,3 +250,27 @@ def test_reverse_vjp_fails_with_controlnet(comfy, controlnet_name):
     assert "Inference tensors cannot be saved for backward" in message
     # The message names the way out.
     assert "Set vjp_strategy to 'auto' or 'symmetric'" in message
+
+
+def test_batch_invariant_comparison_refuses_controlnet(comfy, controlnet_name):
+    # The control signal is computed once for the whole batch, so a
+    # row-by-row comparison cannot make it batch independent; the node says so.
+    from harness.inprocess import PromptExecutionError
+
+    prompt = controlnet_prompt(controlnet_name)
+    latent_size = IMAGE_SIZE // 8
+    prompt.update({
+        "20": {"class_type": "LOCOSeedNoise", "inputs": {"start_seed": 0, "count": 2, "latent_channels": 4,
+                                                         "latent_height": latent_size, "latent_width": latent_size}},
+        "21": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "22": {"class_type": "LOCOComparisonModel", "inputs": {
+            "model": ["1", 0], "vae": ["21", 0], "label": "A", "positive": ["9", 0], "negative": ["9", 1]}},
+        "23": {"class_type": "LOCOComparisonModel", "inputs": {
+            "model": ["1", 0], "vae": ["21", 0], "label": "B", "previous_models": ["22", 0]}},
+        "24": {"class_type": "LOCOCompareModels", "inputs": {
+            "models": ["23", 0], "noise": ["20", 0], "sampler_name": "euler", "scheduler": "normal", "steps": 2,
+            "cfg": 2.0, "batch_size": 2, "metric": "ssim", "null_quantile": 0.99, "batch_invariant": True,
+            "memorization_threshold_mode": "calibrate", "memorization_threshold": 0.9}},
+    })
+    with pytest.raises(PromptExecutionError, match="batch_invariant does not cover ControlNet conditioning"):
+        comfy.run(prompt, targets=["24"])

@@ -18,7 +18,7 @@ TINY_STEPS = 3
 
 def tiny_models_prompt(count: int = 3, start_seed: int = 0, batch_size: int = 3, sampler: str = "euler",
                        model_seeds: tuple[int, int] = (0, 1), labels: tuple[str, str] = ("A", "B"),
-                       channels: int = 4) -> dict:
+                       channels: int = 4, cfg: float = 1.0, batch_invariant: bool = False) -> dict:
     """Two tiny SD1.5 models compared from shared noise; the comparison node is "compare"."""
     return {
         "model_a": {"class_type": "LOCOTestTinySD15", "inputs": {"seed": model_seeds[0]}},
@@ -36,8 +36,8 @@ def tiny_models_prompt(count: int = 3, start_seed: int = 0, batch_size: int = 3,
                                "positive": ["positive", 0], "previous_models": ["entry_a", 0]}},
         "compare": {"class_type": "LOCOCompareModels",
                     "inputs": {"models": ["entry_b", 0], "noise": ["noise", 0], "sampler_name": sampler,
-                               "scheduler": "normal", "steps": TINY_STEPS, "cfg": 1.0, "batch_size": batch_size,
-                               "metric": "ssim", "null_quantile": 0.99,
+                               "scheduler": "normal", "steps": TINY_STEPS, "cfg": cfg, "batch_size": batch_size,
+                               "metric": "ssim", "null_quantile": 0.99, "batch_invariant": batch_invariant,
                                "memorization_threshold_mode": "calibrate", "memorization_threshold": 0.9}},
     }
 
@@ -128,6 +128,35 @@ def test_batched_matches_one_by_one(comfy, tiny_comparison):
     batched = comparison_outputs(comfy.run(tiny_models_prompt(batch_size=3), targets=["compare"]))
     difference = (batched["samples"] - tiny_comparison["samples"]).abs().max().item()
     assert difference < 1e-3
+
+
+def test_batch_invariant_is_bit_identical(comfy):
+    # One row per model call: seed k's arithmetic is the same in a batch of
+    # three as alone, cond and uncond rows included (cfg 2 batches them).
+    # Without the option the same comparison differs by float rounding on
+    # this machine's CPU kernels (see the test above), so equality here
+    # depends on the row-by-row evaluation.
+    runs = {}
+    for batch_size in (1, 3):
+        prompt = tiny_models_prompt(batch_size=batch_size, cfg=2.0, batch_invariant=True)
+        runs[batch_size] = comparison_outputs(comfy.run(prompt, targets=["compare"]))
+    assert torch.equal(runs[1]["samples"], runs[3]["samples"])
+    assert runs[3]["report"]["settings"]["batch_invariant"] is True
+    assert runs[3]["report"]["settings"]["batch_size"] == 3
+
+
+def test_batch_invariant_refuses_wrapped_model(comfy):
+    # ChromaRadianceOptions (stock) installs a model function wrapper, which
+    # the row-by-row evaluation would have to replace.
+    from harness.inprocess import PromptExecutionError
+
+    prompt = tiny_models_prompt(batch_invariant=True)
+    prompt["wrapped_a"] = {"class_type": "ChromaRadianceOptions",
+                           "inputs": {"model": ["model_a", 0], "preserve_wrapper": True, "start_sigma": 1.0,
+                                      "end_sigma": 0.0, "nerf_tile_size": 0}}
+    prompt["entry_a"]["inputs"]["model"] = ["wrapped_a", 0]
+    with pytest.raises(PromptExecutionError, match="A: the model already has a model function wrapper"):
+        comfy.run(prompt, targets=["compare"])
 
 
 def test_same_seed_identical_across_runs(comfy, tiny_comparison):
@@ -327,7 +356,7 @@ def require_digit_models():
 
 
 def digits_prompt(labels=("A", "B", "C"), count: int = DIGIT_SEEDS, batch_size: int = DIGIT_SEEDS,
-                  training_folder: str = "") -> dict:
+                  training_folder: str = "", batch_invariant: bool = False) -> dict:
     prompt = {
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
         "noise": {"class_type": "LOCOSeedNoise",
@@ -348,7 +377,7 @@ def digits_prompt(labels=("A", "B", "C"), count: int = DIGIT_SEEDS, batch_size: 
                                     "scheduler": "karras", "steps": DIGIT_STEPS, "cfg": 1.0,
                                     "batch_size": batch_size, "metric": "ssim", "null_quantile": 0.99,
                                     "memorization_threshold_mode": "calibrate", "memorization_threshold": 0.9,
-                                    "training_folder": training_folder}}
+                                    "training_folder": training_folder, "batch_invariant": batch_invariant}}
     return prompt
 
 
@@ -427,3 +456,13 @@ def test_digit_models_batched_match_one_by_one(comfy, digit_comparison):
     for model in range(2):
         difference = one_by_one[model * count:(model + 1) * count] - batched[model * DIGIT_SEEDS:][:count]
         assert difference.abs().max().item() < 1e-4
+
+
+def test_digit_models_batch_invariant_bit_identical(comfy):
+    # The same two seeds alone and inside a batch of three, with the model and
+    # the VAE run one row at a time: bit for bit equal.
+    runs = {}
+    for batch_size in (1, 3):
+        prompt = digits_prompt(labels=("A", "B"), count=3, batch_size=batch_size, batch_invariant=True)
+        runs[batch_size] = comparison_outputs(comfy.run(prompt, targets=["compare"]))["samples"]
+    assert torch.equal(runs[1], runs[3])
