@@ -7,8 +7,9 @@ figures and model cards in docs/models/:
   on the 4,500 training digits.
 - loco_digits_b: a different UNet (four levels, no attention) and seed, same
   data.
-- loco_digits_c: model A's architecture trained on the 64-image
-  "memorize" subset only, so its samples copy training images.
+- loco_digits_c: model A's architecture trained on the 64-image "memorize"
+  subset only, so its samples copy training images. Its UNet predicts v and
+  is trained with the epsilon loss (training_loss).
 - digit_cnn: the DigitCNN classifier.
 
 The diffusion UNets are ComfyUI's own ``UNetModel`` class, trained with the
@@ -111,6 +112,7 @@ class DiffusionSpec:
     ema_decay: float = 0.995
     warmup_steps: int = 50
     prediction: str = "eps"
+    loss: str = "target"
 
 
 ARCH_ATTENTION = unet_config(32, (1, 2, 2), 1, attention_levels={2}, middle_attention=True)
@@ -122,11 +124,18 @@ DIFFUSION_SPECS = {
     "b": DiffusionSpec("loco_digits_b", "four-level UNet without attention, other seed, all 4,500 training digits",
                        ARCH_PLAIN, "train", steps=220, batch_size=32, learning_rate=2e-3, seed=2),
     "c": DiffusionSpec("loco_digits_c", "model A's architecture trained on the 64-image memorize subset",
-                       ARCH_ATTENTION, "memorize", steps=6000, batch_size=32, learning_rate=2e-3, seed=3),
+                       ARCH_ATTENTION, "memorize", steps=8000, batch_size=32, learning_rate=2e-3, seed=3,
+                       prediction="v", loss="epsilon"),
 }
 
-# Stored as the file's model_type; the loader maps it to ComfyUI's model type.
-OBJECTIVES = {"eps": "epsilon", "v": "v-prediction"}
+# The UNet's output (stored as the file's model_type, which the loader maps
+# to ComfyUI's model type) and the loss: "target" is the MSE against that
+# output's own target, "epsilon" the MSE of the noise the output implies.
+OBJECTIVES = {
+    ("eps", "target"): "epsilon MSE",
+    ("v", "target"): "v-prediction MSE",
+    ("v", "epsilon"): "v-prediction output, epsilon MSE of the implied noise (v MSE weighted by 1 / (sigma^2 + 1))",
+}
 
 CNN_EPOCHS = 10
 CNN_BATCH_SIZE = 64
@@ -219,6 +228,22 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, 
     return noise
 
 
+def training_loss(output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                  prediction: str, loss: str) -> torch.Tensor:
+    """Return the mean squared error of the UNet output for the spec's objective.
+
+    With loss "epsilon" a v output is scored by the noise it implies: from
+    x0 = alpha^2 x - s v, the implied noise error is the v error divided by
+    alpha, so each squared v error is weighted by alpha^2 = 1 / (sigma^2 + 1).
+    That keeps the epsilon objective's weighting over noise levels, while the
+    output no longer has to match the norm of the noise at high sigma.
+    """
+    squared = (output - training_target(x0, noise, sigma, prediction)) ** 2
+    if loss == "epsilon" and prediction == "v":
+        squared = squared / (sigma ** 2 + 1.0)
+    return squared.mean()
+
+
 @torch.no_grad()
 def sample_ddim(model: torch.nn.Module, sigmas: torch.Tensor, count: int, steps: int, seed: int,
                 device: torch.device, prediction: str) -> torch.Tensor:
@@ -290,6 +315,9 @@ def learning_rate_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch.device) -> None:
+    if (spec.prediction, spec.loss) not in OBJECTIVES:
+        raise SystemExit(f"{spec.name}: prediction {spec.prediction!r} with loss {spec.loss!r} is not one of "
+                         f"{sorted(OBJECTIVES)}; fix its DiffusionSpec")
     started = time.time()
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -324,8 +352,7 @@ def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch
         # ComfyUI's discrete parameterisation: the UNet gets
         # (x0 + sigma * noise) / sqrt(sigma^2 + 1) and the integer timestep.
         model_input = (x0 + sigma * noise) * (sigma ** 2 + 1.0).rsqrt()
-        target = training_target(x0, noise, sigma, spec.prediction)
-        loss = torch.nn.functional.mse_loss(model(model_input, timestep.float()), target)
+        loss = training_loss(model(model_input, timestep.float()), x0, noise, sigma, spec.prediction, spec.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -366,7 +393,7 @@ def save_diffusion(spec: DiffusionSpec, ema: torch.nn.Module, parameter_count: i
         "schedule": "linear warm-up, cosine decay",
         "ema_decay": spec.ema_decay,
         "seed": spec.seed,
-        "objective": f"{OBJECTIVES[spec.prediction]} MSE, timesteps uniform over 0..999",
+        "objective": f"{OBJECTIVES[spec.prediction, spec.loss]}, timesteps uniform over 0..999",
         "pixel_range": "-1..1",
         "parameters": parameter_count,
         "final_loss": curve_losses[-1],
@@ -400,7 +427,8 @@ def save_diffusion(spec: DiffusionSpec, ema: torch.nn.Module, parameter_count: i
     samples = sample_ddim(ema, make_sigmas().to(device), 64, 50, seed=0, device=device, prediction=spec.prediction)
     save_grid((samples.cpu() + 1) / 2, Path(args.docs_dir) / f"{spec.name}_samples.png")
     save_loss_plot(curve_steps, curve_losses, Path(args.docs_dir) / f"{spec.name}_loss.png",
-                   f"{spec.name}: {OBJECTIVES[spec.prediction]} MSE (mean over {args.log_every} steps)")
+                   f"{spec.name}: {OBJECTIVES[spec.prediction, spec.loss].split(' (')[0]} "
+                   f"(mean over {args.log_every} steps)")
 
 
 def shift_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

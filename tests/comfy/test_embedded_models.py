@@ -31,15 +31,13 @@ SAMPLE_COUNT = 32
 SAMPLE_STEPS = 20
 CONFIDENT = 0.9
 
-# NOTE: the shipped diffusion models are short-trained for 32x32 pixel
-# models (A 1,600 steps, C 6,000 steps, batch 32, on two CPU cores). With 32
-# samples, 20 euler steps and seed 0, 0.69 of model A's samples pass the
-# confidence bar and 0.28 of model C's lie within the novelty threshold of a
-# training image. The evidence tests keep the bars the models are meant to
-# meet and are marked as expected failures until better-trained models ship.
+# NOTE: the shipped model A is short-trained (1,600 steps, batch 32, on two
+# CPU cores). With 32 samples, 20 euler steps and seed 0, 0.69 of its
+# samples pass the confidence bar. The test keeps the bar the model is meant
+# to meet and is marked as an expected failure until a better A ships.
 SHORT_TRAINING = pytest.mark.xfail(
     strict=False,
-    reason="shipped diffusion models are short-trained; see docs/models/loco_digits_a.md",
+    reason="the shipped model A is short-trained; see docs/models/loco_digits_a.md",
 )
 
 
@@ -247,7 +245,6 @@ def test_model_a_samples_are_recognised(samples, classifier):
     assert probabilities.argmax(dim=1).unique().numel() >= 5
 
 
-@SHORT_TRAINING
 def test_model_c_samples_copy_training_images(samples, train_images, novelty_threshold):
     memorize, _ = digits.load_digits("memorize")
     distances = nearest_distances(samples["loco_digits_c"], train_images)
@@ -256,9 +253,11 @@ def test_model_c_samples_copy_training_images(samples, train_images, novelty_thr
                 near, novelty_threshold, distances.median().item())
     assert near >= 0.8, f"{near:.2f} of model C's samples are within {novelty_threshold:.3f} of a training image"
 
-    # The images they copy are the memorize subset that model C was trained on.
+    # The images they copy are in the memorize subset that model C was
+    # trained on. Samples that copy nothing may sit nearer other digits.
+    copies = distances < novelty_threshold
     memorize_distances = nearest_distances(samples["loco_digits_c"], memorize)
-    torch.testing.assert_close(memorize_distances, distances)
+    torch.testing.assert_close(memorize_distances[copies], distances[copies], rtol=0, atol=1e-4)
 
 
 def test_model_a_samples_are_mostly_new(samples, train_images, novelty_threshold):

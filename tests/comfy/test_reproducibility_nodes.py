@@ -415,11 +415,6 @@ def test_digit_models_a_and_b_reproduce(digit_comparison):
         assert entry["roc_auc"] >= 0.9
 
 
-# NOTE: measured on the shipped loco_digits_c (6,000 training steps on the
-# 64 memorize images): 4 of its 6 samples pass the calibrated threshold of
-# 0.64 (0.56 of 16 seeds), short of the 0.75 this test requires. Strict, so that
-# a retrained C that copies its training images turns this into a failure to remove.
-@pytest.mark.xfail(strict=True, reason="loco_digits_c does not reproduce its training images yet")
 def test_digit_model_c_memorizes_and_a_does_not(digit_comparison):
     memorization = digit_comparison["report"]["metrics"]["ssim"]["memorization"]
     by_model = {entry["model"]: entry for entry in memorization["models"]}

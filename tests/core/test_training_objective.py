@@ -62,3 +62,26 @@ def test_v_target_has_unit_variance(script):
         target = script.training_target(x0, noise, torch.tensor(sigma), "v")
         assert abs(target.var().item() - 1.0) < 0.05
 
+
+
+def test_epsilon_loss_of_v_output_is_noise_error(script):
+    # The epsilon loss of a v output equals the MSE between the true noise
+    # and the noise implied by the output's x0 prediction, (x - x0_hat) / sigma.
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8, generator=generator)
+    sigma = torch.tensor([0.03, 0.5, 3.0, 14.6]).view(-1, 1, 1, 1)
+    x = x0 + sigma * noise
+    output = torch.randn(4, 3, 8, 8, generator=generator)
+
+    loss = script.training_loss(output, x0, noise, sigma, "v", "epsilon")
+    denoised = script.predict_denoised(lambda scaled, timestep: output, x, sigma, torch.zeros(4), "v")
+    implied_noise = (x - denoised) / sigma
+    torch.testing.assert_close(loss, ((implied_noise - noise) ** 2).mean(), rtol=1e-5, atol=0)
+
+    # At one noise level the plain v loss is sigma^2 + 1 times larger, the
+    # weight it puts on high noise levels compared with the epsilon loss.
+    top = slice(3, 4)
+    plain = script.training_loss(output[top], x0[top], noise[top], sigma[top], "v", "target")
+    weighted = script.training_loss(output[top], x0[top], noise[top], sigma[top], "v", "epsilon")
+    torch.testing.assert_close(plain / weighted, torch.tensor(14.6 ** 2 + 1), rtol=1e-5, atol=0)
