@@ -174,8 +174,8 @@ def parse_model_metadata(metadata: dict[str, str], source: str) -> tuple[dict, d
     model_type = metadata.get("model_type", "eps")
     if model_type not in MODEL_TYPES:
         raise ValueError(
-            f"{source} has model_type {model_type!r}; this pack reads {sorted(MODEL_TYPES)}, "
-            "so re-save the file with one of them"
+            f"{source} has unsupported model_type {model_type!r}; supported: {sorted(MODEL_TYPES)}. "
+            "Re-save the file with one of them"
         )
 
     parsed = {}

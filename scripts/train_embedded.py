@@ -16,7 +16,7 @@ The diffusion UNets are ComfyUI's own ``UNetModel`` class, trained with the
 noise schedule that ComfyUI's ``ModelSamplingDiscrete`` builds from the
 stored ``sampling_settings``, in the exact form ComfyUI's EPS and V_PREDICTION
 sampling use (x = x0 + sigma * noise, UNet input x / sqrt(sigma^2 + 1),
-integer timestep). The file's ``model_type`` metadata says which of the two
+integer timestep). The file's ``model_type`` metadata names which of the two
 the UNet predicts. Images are in -1..1, the range the stock ``pixel_space``
 VAE produces.
 

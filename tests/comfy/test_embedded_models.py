@@ -141,7 +141,7 @@ def closed_form_denoised(path: Path, x: torch.Tensor, timestep: torch.Tensor, si
                          model_type: str) -> torch.Tensor:
     """Return the x0 prediction the file's UNet was trained for, computed without ComfyUI's model classes.
 
-    The UNet sees x / sqrt(sigma^2 + 1) and the integer timestep. For eps it
+    The UNet receives x / sqrt(sigma^2 + 1) and the integer timestep. For eps it
     outputs the noise, x0 = x - sigma * out; for v it outputs
     alpha * noise - sigma * alpha * x0 with alpha = 1 / sqrt(sigma^2 + 1), so
     x0 = alpha^2 * x - sigma * alpha * out.
@@ -214,7 +214,7 @@ def test_loader_rejects_unknown_model_type(comfy, tmp_path):
         metadata = dict(handle.metadata(), model_type="flow")
     path = tmp_path / "flow.safetensors"
     save_file({"weight": torch.zeros(2)}, str(path), metadata=metadata)
-    with pytest.raises(ValueError, match=r"model_type 'flow'; this pack reads \['eps', 'v'\]"):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'flow'; supported: \['eps', 'v'\]"):
         module.load_pixel_diffusion(path)
 
 

@@ -252,9 +252,9 @@ def test_reverse_vjp_fails_with_controlnet(comfy, controlnet_name):
     assert "Set vjp_strategy to 'auto' or 'symmetric'" in message
 
 
-def test_batch_invariant_comparison_refuses_controlnet(comfy, controlnet_name):
+def test_batch_invariant_rejects_controlnet(comfy, controlnet_name):
     # The control signal is computed once for the whole batch, so a
-    # row-by-row comparison cannot make it batch independent; the node says so.
+    # row-by-row comparison cannot make it batch independent, and the node raises an error.
     from harness.inprocess import PromptExecutionError
 
     prompt = controlnet_prompt(controlnet_name)

@@ -145,7 +145,7 @@ def test_batch_invariant_is_bit_identical(comfy):
     assert runs[3]["report"]["settings"]["batch_size"] == 3
 
 
-def test_batch_invariant_refuses_wrapped_model(comfy):
+def test_batch_invariant_rejects_wrapped_model(comfy):
     # ChromaRadianceOptions (stock) installs a model function wrapper, which
     # the row-by-row evaluation would have to replace.
     from harness.inprocess import PromptExecutionError
