@@ -31,10 +31,15 @@ SAMPLE_COUNT = 32
 SAMPLE_STEPS = 20
 CONFIDENT = 0.9
 
+# Model A's rates are measured on 128 samples, because 32 samples vary a lot
+# between seeds. For the shipped A, 0.41 to 0.69 of 32 pass the confidence
+# bar over seeds 0 to 7, so a pass on 32 could be luck of the seed.
+MODEL_A_SAMPLE_COUNT = 128
+
 # NOTE: the shipped model A is short-trained (1,600 steps, batch 32, on two
-# CPU cores). With 32 samples, 20 euler steps and seed 0, 0.69 of its
-# samples pass the confidence bar. The test keeps the bar the model is meant
-# to meet and is marked as an expected failure until a better A ships.
+# CPU cores). 0.59 of its 128 samples here pass the confidence bar. The test
+# keeps the bar the model is meant to meet and is marked as an expected
+# failure until a better A ships.
 SHORT_TRAINING = pytest.mark.xfail(
     strict=False,
     reason="the shipped model A is short-trained; see docs/models/loco_digits_a.md",
@@ -85,7 +90,8 @@ def classifier():
 @pytest.fixture(scope="module")
 def samples(comfy):
     """Samples of models A and C, computed once for the module."""
-    return {name: sample_images(comfy, name) for name in ("loco_digits_a", "loco_digits_c")}
+    return {"loco_digits_a": sample_images(comfy, "loco_digits_a", MODEL_A_SAMPLE_COUNT),
+            "loco_digits_c": sample_images(comfy, "loco_digits_c")}
 
 
 @pytest.fixture(scope="module")

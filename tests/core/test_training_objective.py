@@ -63,16 +63,22 @@ def test_v_target_has_unit_variance(script):
         assert abs(target.var().item() - 1.0) < 0.05
 
 
+def noisy_batch(sigmas: list[float], seed: int):
+    """Return clean images, noise, sigma, noisy images and a random UNet output, one row per sigma."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(sigmas)
+    x0 = torch.rand(count, 3, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(count, 3, 8, 8, generator=generator)
+    sigma = torch.tensor(sigmas).view(-1, 1, 1, 1)
+    x = x0 + sigma * noise
+    output = torch.randn(count, 3, 8, 8, generator=generator)
+    return x0, noise, sigma, x, output
+
 
 def test_epsilon_loss_of_v_output_is_noise_error(script):
     # The epsilon loss of a v output equals the MSE between the true noise
     # and the noise implied by the output's x0 prediction, (x - x0_hat) / sigma.
-    generator = torch.Generator().manual_seed(2)
-    x0 = torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1
-    noise = torch.randn(4, 3, 8, 8, generator=generator)
-    sigma = torch.tensor([0.03, 0.5, 3.0, 14.6]).view(-1, 1, 1, 1)
-    x = x0 + sigma * noise
-    output = torch.randn(4, 3, 8, 8, generator=generator)
+    x0, noise, sigma, x, output = noisy_batch([0.03, 0.5, 3.0, 14.6], seed=2)
 
     loss = script.training_loss(output, x0, noise, sigma, "v", "epsilon")
     denoised = script.predict_denoised(lambda scaled, timestep: output, x, sigma, torch.zeros(4), "v")
@@ -85,3 +91,30 @@ def test_epsilon_loss_of_v_output_is_noise_error(script):
     plain = script.training_loss(output[top], x0[top], noise[top], sigma[top], "v", "target")
     weighted = script.training_loss(output[top], x0[top], noise[top], sigma[top], "v", "epsilon")
     torch.testing.assert_close(plain / weighted, torch.tensor(14.6 ** 2 + 1), rtol=1e-5, atol=0)
+
+
+def test_min_snr_loss_caps_weight(script):
+    # Min-SNR weighting: the squared x0 error at each noise level, weighted by
+    # min(1 / sigma^2, gamma). Below sigma = 1 / sqrt(gamma) the weight is
+    # capped, and above it the loss equals the epsilon loss.
+    x0, noise, sigma, x, output = noisy_batch([0.03, 0.2, 1.0, 14.6], seed=3)
+
+    denoised = script.predict_denoised(lambda scaled, timestep: output, x, sigma, torch.zeros(4), "v")
+    weight = (1.0 / sigma ** 2).clamp(max=script.MIN_SNR_GAMMA)
+    expected = (weight * (denoised - x0) ** 2).mean()
+    loss = script.training_loss(output, x0, noise, sigma, "v", "min_snr")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+    high = slice(2, 4)
+    torch.testing.assert_close(
+        script.training_loss(output[high], x0[high], noise[high], sigma[high], "v", "min_snr"),
+        script.training_loss(output[high], x0[high], noise[high], sigma[high], "v", "epsilon"),
+        rtol=1e-5, atol=0,
+    )
+
+    # At sigma 0.03 the epsilon loss weights the x0 error by 1 / 0.03^2, about
+    # 1,111, and Min-SNR caps that weight at gamma.
+    low = slice(0, 1)
+    ratio = (script.training_loss(output[low], x0[low], noise[low], sigma[low], "v", "epsilon")
+             / script.training_loss(output[low], x0[low], noise[low], sigma[low], "v", "min_snr"))
+    torch.testing.assert_close(ratio, torch.tensor(1.0 / (0.03 ** 2 * script.MIN_SNR_GAMMA)), rtol=1e-4, atol=0)
