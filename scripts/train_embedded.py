@@ -144,6 +144,9 @@ MIN_SNR_GAMMA = 5.0
 # "min_snr" the Min-SNR-weighted MSE of the x0 prediction it implies.
 OBJECTIVES = {
     ("eps", "target"): "epsilon MSE",
+    ("eps", "epsilon"): "epsilon MSE",
+    ("eps", "min_snr"): f"epsilon output, Min-SNR-{MIN_SNR_GAMMA:g} weighting "
+                        f"(x0 MSE weighted by min(1 / sigma^2, {MIN_SNR_GAMMA:g}))",
     ("v", "target"): "v-prediction MSE",
     ("v", "epsilon"): "v-prediction output, epsilon MSE of the implied noise (v MSE weighted by 1 / (sigma^2 + 1))",
     ("v", "min_snr"): f"v-prediction output, Min-SNR-{MIN_SNR_GAMMA:g} weighting "
@@ -252,14 +255,16 @@ def training_loss(output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, s
     output no longer has to match the norm of the noise at high sigma.
 
     With loss "min_snr" the x0 error is weighted by min(1 / sigma^2, gamma).
-    A v error maps to an x0 error times s = sigma / sqrt(sigma^2 + 1), so each
-    squared v error is weighted by min(1, gamma sigma^2) / (sigma^2 + 1).
+    An epsilon error maps to an x0 error times sigma, so each squared epsilon
+    error is weighted by min(1, gamma sigma^2). A v error maps to an x0 error
+    times s, so each squared v error gets that weight over (sigma^2 + 1).
+    For an epsilon output, loss "epsilon" is its own MSE, as "target" is.
     """
     squared = (output.float() - training_target(x0, noise, sigma, prediction)) ** 2
-    if loss == "epsilon" and prediction == "v":
+    if loss == "min_snr":
+        squared = squared * (MIN_SNR_GAMMA * sigma ** 2).clamp(max=1.0)
+    if loss in ("epsilon", "min_snr") and prediction == "v":
         squared = squared / (sigma ** 2 + 1.0)
-    elif loss == "min_snr" and prediction == "v":
-        squared = squared * (MIN_SNR_GAMMA * sigma ** 2).clamp(max=1.0) / (sigma ** 2 + 1.0)
     return squared.mean()
 
 
@@ -334,10 +339,6 @@ def learning_rate_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_diffusion(spec: DiffusionSpec, args: argparse.Namespace, device: torch.device) -> None:
-    if (spec.prediction, spec.loss) not in OBJECTIVES:
-        raise SystemExit(f"{spec.name}: prediction {spec.prediction!r} with loss {spec.loss!r} is not one of "
-                         f"{sorted(OBJECTIVES)}. Pick one of these pairs with --prediction and --loss, "
-                         "or fix its DiffusionSpec")
     started = time.time()
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -579,22 +580,43 @@ def save_sample_inputs(samples_dir: Path) -> None:
         Image.fromarray(array).save(samples_dir / f"digit_{label}.png")
 
 
+def positive_int(text: str) -> int:
+    """Parse a command-line count that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: use a whole number of 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse a command-line count that may be 0 (meaning: keep the default)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: use 0 (keep the shipped count) or more")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="samples,cnn,a,b,c",
                         help="comma-separated parts to build: samples, cnn, a, b, c (default: all)")
-    parser.add_argument("--models-dir", default=str(REPO_ROOT / "assets" / "models"))
-    parser.add_argument("--samples-dir", default=str(REPO_ROOT / "assets" / "samples"))
-    parser.add_argument("--docs-dir", default=str(REPO_ROOT / "docs" / "models"))
+    parser.add_argument("--models-dir", default=str(REPO_ROOT / "assets" / "models"),
+                        help="where the model files go (default: the pack's assets/models, the shipped files)")
+    parser.add_argument("--samples-dir", default=str(REPO_ROOT / "assets" / "samples"),
+                        help="where the sample input digits go (default: the pack's assets/samples)")
+    parser.add_argument("--docs-dir", default=str(REPO_ROOT / "docs" / "models"),
+                        help="where the sample grids and loss curves go (default: the pack's docs/models)")
     parser.add_argument("--preview-dir", default="", help="write a 16-sample grid here every --preview-every steps")
-    parser.add_argument("--preview-every", type=int, default=250)
-    parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=0,
+    parser.add_argument("--preview-every", type=positive_int, default=250, help="training steps between previews")
+    parser.add_argument("--log-every", type=positive_int, default=50,
+                        help="training steps per logged loss (the loss curve averages each window)")
+    parser.add_argument("--steps", type=non_negative_int, default=0,
                         help="override every diffusion model's step count for a quick check (0 keeps the shipped counts)")
     parser.add_argument("--prediction", choices=["eps", "v"], default="",
                         help="override the UNet output of every diffusion model, for a trial run")
     parser.add_argument("--loss", choices=["target", "epsilon", "min_snr"], default="",
-                        help="override the loss of every diffusion model, for a trial run")
+                        help="override the loss of every diffusion model, for a trial run: target (MSE of the "
+                             "output), epsilon (MSE of the implied noise) or min_snr (Min-SNR-weighted x0 MSE)")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="run every diffusion model's forward pass under bfloat16 autocast, for a trial run")
     parser.add_argument("--cnn-epochs", type=int, default=CNN_EPOCHS, help="classifier epochs")
@@ -616,6 +638,15 @@ def trial_spec(spec: DiffusionSpec, args: argparse.Namespace) -> DiffusionSpec:
     return spec
 
 
+def check_spec(spec: DiffusionSpec) -> None:
+    """Exit with a message when a diffusion model's output and loss make no known objective."""
+    if (spec.prediction, spec.loss) in OBJECTIVES:
+        return
+    pairs = ", ".join(f"{prediction}/{loss}" for prediction, loss in sorted(OBJECTIVES))
+    raise SystemExit(f"{spec.name}: invalid --prediction {spec.prediction!r} with --loss {spec.loss!r}; "
+                     f"valid prediction/loss pairs: {pairs}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args()
@@ -630,6 +661,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown part(s) {unknown} in --only; use samples, cnn, a, b or c")
 
+    # Every diffusion model's settings are checked before any training, so a
+    # bad override fails at once and not after hours of earlier models.
+    specs = {part: trial_spec(DIFFUSION_SPECS[part], args) for part in parts if part in DIFFUSION_SPECS}
+    for spec in specs.values():
+        check_spec(spec)
+
     import_comfy()
     for part in parts:
         if part == "samples":
@@ -637,9 +674,7 @@ def main() -> None:
         elif part == "cnn":
             train_cnn(args, device)
         else:
-            spec = DIFFUSION_SPECS[part]
-            spec = trial_spec(spec, args)
-            train_diffusion(spec, args, device)
+            train_diffusion(specs[part], args, device)
 
 
 if __name__ == "__main__":

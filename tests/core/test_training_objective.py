@@ -93,28 +93,40 @@ def test_epsilon_loss_of_v_output_is_noise_error(script):
     torch.testing.assert_close(plain / weighted, torch.tensor(14.6 ** 2 + 1), rtol=1e-5, atol=0)
 
 
-def test_min_snr_loss_caps_weight(script):
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_loss_caps_weight(script, prediction):
     # Min-SNR weighting: the squared x0 error at each noise level, weighted by
     # min(1 / sigma^2, gamma). Below sigma = 1 / sqrt(gamma) the weight is
     # capped, and above it the loss equals the epsilon loss.
     x0, noise, sigma, x, output = noisy_batch([0.03, 0.2, 1.0, 14.6], seed=3)
 
-    denoised = script.predict_denoised(lambda scaled, timestep: output, x, sigma, torch.zeros(4), "v")
+    denoised = script.predict_denoised(lambda scaled, timestep: output, x, sigma, torch.zeros(4), prediction)
     weight = (1.0 / sigma ** 2).clamp(max=script.MIN_SNR_GAMMA)
     expected = (weight * (denoised - x0) ** 2).mean()
-    loss = script.training_loss(output, x0, noise, sigma, "v", "min_snr")
+    loss = script.training_loss(output, x0, noise, sigma, prediction, "min_snr")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
     high = slice(2, 4)
     torch.testing.assert_close(
-        script.training_loss(output[high], x0[high], noise[high], sigma[high], "v", "min_snr"),
-        script.training_loss(output[high], x0[high], noise[high], sigma[high], "v", "epsilon"),
+        script.training_loss(output[high], x0[high], noise[high], sigma[high], prediction, "min_snr"),
+        script.training_loss(output[high], x0[high], noise[high], sigma[high], prediction, "epsilon"),
         rtol=1e-5, atol=0,
     )
 
     # At sigma 0.03 the epsilon loss weights the x0 error by 1 / 0.03^2, about
     # 1,111, and Min-SNR caps that weight at gamma.
     low = slice(0, 1)
-    ratio = (script.training_loss(output[low], x0[low], noise[low], sigma[low], "v", "epsilon")
-             / script.training_loss(output[low], x0[low], noise[low], sigma[low], "v", "min_snr"))
+    ratio = (script.training_loss(output[low], x0[low], noise[low], sigma[low], prediction, "epsilon")
+             / script.training_loss(output[low], x0[low], noise[low], sigma[low], prediction, "min_snr"))
     torch.testing.assert_close(ratio, torch.tensor(1.0 / (0.03 ** 2 * script.MIN_SNR_GAMMA)), rtol=1e-4, atol=0)
+
+
+def test_unknown_objective_rejected(script):
+    spec = script.dataclasses.replace(script.DIFFUSION_SPECS["a"], loss="l1")
+    with pytest.raises(SystemExit, match=r"invalid --prediction 'eps' with --loss 'l1'; valid prediction/loss pairs: "
+                                         r"eps/epsilon, eps/min_snr, eps/target"):
+        script.check_spec(spec)
+
+    # Every shipped model's own settings pass.
+    for shipped in script.DIFFUSION_SPECS.values():
+        script.check_spec(shipped)
