@@ -123,8 +123,8 @@ def test_min_snr_loss_caps_weight(script, prediction):
 
 def test_unknown_objective_rejected(script):
     spec = script.dataclasses.replace(script.DIFFUSION_SPECS["a"], loss="l1")
-    with pytest.raises(SystemExit, match=r"invalid --prediction 'eps' with --loss 'l1'; valid prediction/loss pairs: "
-                                         r"eps/epsilon, eps/min_snr, eps/target"):
+    with pytest.raises(SystemExit, match=r"--prediction 'eps' with --loss 'l1' is invalid. Use one of these "
+                                         r"prediction/loss pairs: eps/epsilon, eps/min_snr, eps/target"):
         script.check_spec(spec)
 
     # Every shipped model's own settings pass.
