@@ -123,7 +123,7 @@ def test_min_snr_loss_caps_weight(script, prediction):
 
 def test_unknown_objective_rejected(script):
     spec = script.dataclasses.replace(script.DIFFUSION_SPECS["a"], loss="l1")
-    with pytest.raises(SystemExit, match=r"--prediction 'eps' with --loss 'l1' is invalid. Use one of these "
+    with pytest.raises(SystemExit, match=r"--prediction 'v' with --loss 'l1' is invalid. Use one of these "
                                          r"prediction/loss pairs: eps/epsilon, eps/min_snr, eps/target"):
         script.check_spec(spec)
 
