@@ -619,9 +619,11 @@ def parse_args() -> argparse.Namespace:
                         help="run every diffusion model's forward pass under bfloat16 autocast, or in float32 "
                              "with --no-mixed-precision (default: each model's own setting; model A uses "
                              "bfloat16, which is slow on CPUs without AVX-512 BF16)")
-    parser.add_argument("--cnn-epochs", type=int, default=CNN_EPOCHS, help="classifier epochs")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'")
+    parser.add_argument("--cnn-epochs", type=count_at_least(1), default=CNN_EPOCHS,
+                        help=f"classifier epochs (default {CNN_EPOCHS})")
+    parser.add_argument("--threads", type=count_at_least(1), default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto (CUDA when available, else CPU), cpu or cuda")
     return parser.parse_args()
 
 

@@ -130,3 +130,29 @@ def test_unknown_objective_rejected(script):
     # Every shipped model's own settings pass.
     for shipped in script.DIFFUSION_SPECS.values():
         script.check_spec(shipped)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--steps", "-1", "invalid value '-1': use a whole number of 0 or more"),
+    ("--cnn-epochs", "0", "invalid value '0': use a whole number of 1 or more"),
+    ("--threads", "0", "invalid value '0': use a whole number of 1 or more"),
+    ("--log-every", "x", "invalid value 'x': use a whole number of 1 or more"),
+    ("--device", "tpu", "invalid choice: 'tpu'"),
+])
+def test_bad_option_rejected(script, monkeypatch, capsys, option, value, message):
+    # A bad count must stop the script before it writes any file: an untrained
+    # classifier would otherwise replace the shipped one.
+    monkeypatch.setattr(sys, "argv", ["train_embedded.py", option, value])
+    with pytest.raises(SystemExit):
+        script.parse_args()
+    assert message in capsys.readouterr().err
+
+
+def test_mixed_precision_override(script, monkeypatch):
+    shipped = script.DIFFUSION_SPECS["a"]
+    for flag, expected in (("--no-mixed-precision", False), ("--mixed-precision", True)):
+        monkeypatch.setattr(sys, "argv", ["train_embedded.py", flag])
+        assert script.trial_spec(shipped, script.parse_args()).mixed_precision is expected
+
+    monkeypatch.setattr(sys, "argv", ["train_embedded.py"])
+    assert script.trial_spec(shipped, script.parse_args()) == shipped
