@@ -115,8 +115,8 @@ class DiffusionSpec:
     prediction: str = "eps"
     loss: str = "target"
     # bfloat16 autocast of the UNet's forward pass, while weights, optimizer and loss stay fp32.
-    # Measured 1.45 times faster per step on a 2-core AMD EPYC with AVX-512 BF16. On one with
-    # AVX2 only it was over 3 times slower than fp32 (more than 1.8 s against 0.52 s per step).
+    # Measured on 2-core AMD EPYC CPUs: 1.45 times faster per step with AVX-512 BF16, but over
+    # 3 times slower with AVX2 only (more than 1.8 s against 0.52 s per step in fp32).
     mixed_precision: bool = False
 
 

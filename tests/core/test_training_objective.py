@@ -140,8 +140,8 @@ def test_unknown_objective_rejected(script):
     ("--device", "tpu", "invalid choice: 'tpu'"),
 ])
 def test_bad_option_rejected(script, monkeypatch, capsys, option, value, message):
-    # A bad count must stop the script before it writes any file: an untrained
-    # classifier would otherwise replace the shipped one.
+    # A bad option must stop the script before it writes any file, because an
+    # untrained classifier would otherwise replace the shipped one.
     monkeypatch.setattr(sys, "argv", ["train_embedded.py", option, value])
     with pytest.raises(SystemExit):
         script.parse_args()
