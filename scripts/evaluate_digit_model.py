@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -131,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     logger.setLevel(logging.INFO)
 
-    # KSampler's per-step progress bars would bury them too.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-
     comfy_root, reason = find_comfyui()
     if comfy_root is None:
         logger.error("evaluate_digit_model: %s", reason)
@@ -146,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from harness.inprocess import ComfySession
 
     with ComfySession(comfyui_root=comfy_root, cpu=True) as session:
+        # KSampler's per-step progress bars would bury them too.
+        import comfy.utils
+
+        comfy.utils.set_progress_bar_enabled(False)
         for model_path in args.models:
             evaluate(session, model_path, args, train_images, novelty_threshold)
     return 0
