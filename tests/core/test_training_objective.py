@@ -5,27 +5,21 @@ image through ``predict_denoised``. If it did not, the shipped models would
 be trained for one parameterisation and sampled with another.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.script_module import loaded_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_embedded.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_embedded", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses looks the defining module up in sys.modules.
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(SCRIPT, "train_embedded") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 class ExactTarget(torch.nn.Module):
@@ -156,3 +150,8 @@ def test_mixed_precision_override(script, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["train_embedded.py"])
     assert script.trial_spec(shipped, script.parse_args()) == shipped
+
+    # The override reaches model A's first stage too, which is trained in the same run.
+    monkeypatch.setattr(sys, "argv", ["train_embedded.py", "--no-mixed-precision"])
+    assert script.trial_spec(shipped, script.parse_args()).base.mixed_precision is False
+
