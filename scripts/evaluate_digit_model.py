@@ -10,7 +10,10 @@ per seed. For every file it reports:
   over all seeds, with the count of each predicted class;
 - near: the share of samples closer to a training digit than the novelty
   threshold (the 1st percentile of the held-out digits' nearest-training
-  distances), with the median nearest-training distance.
+  distances), that is the share that copy a training digit, with the
+  median nearest-training distance.
+
+The class counts cover all samples, recognised or not.
 
 Usage:
 
@@ -99,7 +102,9 @@ def evaluate(session, model_path: Path, args: argparse.Namespace, train_images: 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Report the share of a digit diffusion model's samples that the shipped classifier "
+                    "recognises, and the share within the novelty threshold of a training digit (copies).")
     parser.add_argument("models", nargs="*", type=Path, default=[DEFAULT_MODEL],
                         help="model files to evaluate (default: the shipped loco_digits_a)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="KSampler seeds (default 0 1 2 3)")
@@ -115,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0.0 < args.confidence < 1.0:
-        parser.error(f"--confidence must lie between 0 and 1, got {args.confidence}")
+        parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}")
     missing = [str(path) for path in args.models if not path.is_file()]
     if missing:
         parser.error(f"model file(s) not found: {', '.join(missing)}")
@@ -139,16 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     heldout = digits.load_digits("heldout")[0]
     novelty_threshold = float(nearest_distances(heldout, train_images).quantile(0.01))
 
-    from harness.inprocess import ComfySession
+    from harness.inprocess import ComfySession, PromptExecutionError, PromptValidationError
 
+    failed = 0
     with ComfySession(comfyui_root=comfy_root, cpu=True) as session:
         # KSampler's per-step progress bars would bury them too.
         import comfy.utils
 
         comfy.utils.set_progress_bar_enabled(False)
         for model_path in args.models:
-            evaluate(session, model_path, args, train_images, novelty_threshold)
-    return 0
+            try:
+                evaluate(session, model_path, args, train_images, novelty_threshold)
+            except (PromptExecutionError, PromptValidationError) as error:
+                # One unreadable file should not hide the figures of the others.
+                failed += 1
+                logger.error("%s: failed: %s. Give a model file that scripts/train_embedded.py wrote, "
+                             "and a --sampler and --scheduler that KSampler lists.", model_path, error)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

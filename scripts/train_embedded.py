@@ -442,10 +442,18 @@ def base_weights(spec: DiffusionSpec, args: argparse.Namespace, device: torch.de
     if stored != spec.unet or metadata.get("model_type") != spec.prediction:
         raise SystemExit(f"{path} is not a {spec.name} stage: its unet_config or model_type differs from the "
                          f"spec's. Delete or move it, and the run trains that stage first.")
+    # A trial run's first stage (say --steps 3) must not stand in for the real one.
+    record = json.loads(metadata.get("training", "{}"))
+    expected = {"steps": spec.steps, "batch_size": spec.batch_size, "seed": spec.seed, "split": spec.split}
+    differing = {key: record.get(key) for key, value in expected.items() if record.get(key) != value}
+    if differing:
+        needed = {key: expected[key] for key in differing}
+        raise SystemExit(f"{path} was trained with {differing}, but {spec.name} needs {needed}. Delete or move "
+                         f"it to train that stage again, or give this run its own --work-dir.")
+
     logger.info("%s: reusing the first stage in %s (delete it to train that stage again)", spec.name, path)
     model = build_unet(spec.unet, device)
     model.load_state_dict({key: value.float() for key, value in load_file(str(path), device=str(device)).items()})
-    record = json.loads(metadata.get("training", "{}"))
     record["file"] = path.name
     return model, record
 
@@ -768,8 +776,8 @@ def parse_args() -> argparse.Namespace:
                              "output), epsilon (MSE of the implied noise) or min_snr (Min-SNR-weighted x0 MSE)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                         help="run every diffusion model's forward pass under bfloat16 autocast, or in float32 "
-                             "with --no-mixed-precision (default: each model's own setting; model A uses "
-                             "bfloat16, which is slow on CPUs without AVX-512 BF16)")
+                             "with --no-mixed-precision (default: each model's own setting; model A's "
+                             "first stage uses bfloat16, which is slow on CPUs without AVX-512 BF16)")
     parser.add_argument("--cnn-epochs", type=count_at_least(1), default=CNN_EPOCHS,
                         help=f"classifier epochs (default {CNN_EPOCHS})")
     parser.add_argument("--threads", type=count_at_least(1), default=1, help="torch CPU threads (default 1)")

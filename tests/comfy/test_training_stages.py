@@ -99,16 +99,33 @@ def test_first_stage_reused(script, tmp_path):
 
     stage = trained_looking_unet(script, script.A_BASE.unet)
     state = {key: value.contiguous() for key, value in stage.state_dict().items()}
+    facts = {"steps": 16000, "batch_size": 32, "seed": 1, "split": "train"}
     save_file(state, str(tmp_path / "loco_digits_a_base.safetensors"),
-              metadata=script.file_metadata(script.A_BASE, {"steps": 5}))
+              metadata=script.file_metadata(script.A_BASE, facts))
 
     args = argparse.Namespace(work_dir=str(tmp_path))
     loaded, record = script.base_weights(script.A_BASE, args, torch.device("cpu"))
-    assert record == {"steps": 5, "file": "loco_digits_a_base.safetensors"}
+    assert record == {**facts, "file": "loco_digits_a_base.safetensors"}
 
     x, timestep = unet_inputs()
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x, timestep), stage(x, timestep))
+
+
+def test_trial_first_stage_rejected(script, tmp_path):
+    """A first stage from a short trial run must not start a full run's second stage."""
+    from safetensors.torch import save_file
+
+    stage = script.build_unet(script.A_BASE.unet, torch.device("cpu"))
+    state = {key: value.contiguous() for key, value in stage.state_dict().items()}
+    facts = {"steps": 3, "batch_size": 32, "seed": 1, "split": "train"}
+    save_file(state, str(tmp_path / "loco_digits_a_base.safetensors"),
+              metadata=script.file_metadata(script.A_BASE, facts))
+
+    args = argparse.Namespace(work_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match=r"was trained with \{'steps': 3\}, but loco_digits_a_base needs "
+                                         r"\{'steps': 16000\}. Delete or move it"):
+        script.base_weights(script.A_BASE, args, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(("model_file", "base_steps"), [("loco_digits_a", 16000), ("loco_digits_c", 8000)])

@@ -18,7 +18,7 @@ def script():
 @pytest.mark.parametrize(("argv", "message"), [
     (["--count", "0"], "--count must be at least 1, got 0"),
     (["--steps", "-2"], "--steps must be at least 1, got -2"),
-    (["--confidence", "1.5"], "--confidence must lie between 0 and 1, got 1.5"),
+    (["--confidence", "1.5"], "--confidence must lie strictly between 0 and 1, got 1.5"),
     (["no_such_model.safetensors"], "model file(s) not found: no_such_model.safetensors"),
 ])
 def test_bad_option_rejected(script, capsys, argv, message):
